@@ -1,0 +1,267 @@
+"""One YAML recipe per run, loaded into typed dataclasses and validated in one place.
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=1e-4", "run.dir=/tmp/x"])
+
+Unknown keys, wrong types and out-of-range values raise ConfigError naming the key path
+(`train.lr: expected a float, got 'abc'`). Ranges live next to each field as metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+def _num(default, *, ge=None, gt=None, le=None, lt=None, doc=""):
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc})
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # output root: RUN/tokens, RUN/teacher, RUN/exits, RUN/eval, RUN/mlflow.db
+    experiment: str = "balcony"  # MLflow experiment name
+    tracking_uri: str = ""  # empty: sqlite store RUN/mlflow.db
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = ""  # local HF folder or hub name
+    tokenizer: str = ""  # empty: the backbone's own tokenizer
+    revision: str = ""  # hub revision; empty: default branch
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False
+
+    def validate(self, path: str) -> None:
+        if not self.backbone:
+            raise ConfigError(f"{path}.backbone: required (a local HF model folder or a hub name)")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["text", "json", "parquet", "hub"] = "json"
+    files: list[str] = field(default_factory=list)  # local files or globs, for text/json/parquet
+    hub_name: str = ""  # e.g. HuggingFaceTB/smollm-corpus
+    hub_config: str = ""  # e.g. cosmopedia-v2
+    hub_split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = ""  # with chat_template: records are (prompt, text) conversations
+    chat_template: bool = False
+    # The budget: absolute tokens, or a fraction of a reference pretraining size (paper: 0.2% of 15T).
+    budget_tokens: int = _num(0, ge=0)
+    budget_fraction: float = _num(0.0, ge=0.0, le=1.0)
+    reference_tokens: int = _num(0, ge=0)
+    heldout_fraction: float = _num(0.01, gt=0.0, lt=1.0, doc="share of documents held out")
+    heldout_tokens: int = _num(65536, gt=0, doc="tokens written to RUN/tokens/heldout")
+    seq_len: int = _num(512, ge=8)
+    sequences_per_shard: int = _num(256, gt=0)
+    seed: int = _num(0, ge=0, doc="document order and held-out choice")
+    shuffle_buffer: int = _num(10000, ge=0, doc="streaming shuffle buffer (documents); 0 keeps source order")
+
+    def validate(self, path: str) -> None:
+        if self.source == "hub":
+            if not self.hub_name:
+                raise ConfigError(f"{path}.hub_name: required when {path}.source is 'hub'")
+        elif not self.files:
+            raise ConfigError(f"{path}.files: required when {path}.source is '{self.source}'")
+        if self.chat_template and not self.prompt_field:
+            raise ConfigError(f"{path}.prompt_field: required when {path}.chat_template is true")
+        if (self.budget_tokens > 0) == (self.budget_fraction > 0):
+            raise ConfigError(f"{path}.budget_tokens: give exactly one of budget_tokens and budget_fraction (> 0)")
+        if self.budget_fraction > 0 and self.reference_tokens <= 0:
+            raise ConfigError(f"{path}.reference_tokens: required (> 0) with {path}.budget_fraction")
+        if self.total_tokens < self.seq_len:
+            raise ConfigError(f"{path}.budget_tokens: the budget ({self.total_tokens}) is below one sequence ({self.seq_len})")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.budget_tokens or round(self.budget_fraction * self.reference_tokens)
+
+
+@dataclass
+class ExitsConfig:
+    depths: list[int] = field(default_factory=list)  # exit k reads the hidden state after layers[:k]
+
+    def validate(self, path: str) -> None:
+        if any(k < 1 for k in self.depths):
+            raise ConfigError(f"{path}.depths: every depth must be >= 1, got {self.depths}")
+        if len(set(self.depths)) != len(self.depths):
+            raise ConfigError(f"{path}.depths: duplicate depths in {self.depths}")
+
+
+@dataclass
+class TeacherConfig:
+    format: Literal["topk", "sampled"] = "topk"
+    k: int = _num(64, gt=0, doc="top-k entries per position")
+    samples: int = _num(24, gt=0, doc="draws per position for the sampled format")
+    batch_size: int = _num(8, gt=0)
+    chunk_size: int = _num(1024, gt=0, doc="positions per log-softmax chunk")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _num(5e-4, gt=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = _num(0.01, ge=0.0, lt=1.0)
+    min_lr_ratio: float = _num(0.0, ge=0.0, le=1.0)
+    weight_decay: float = _num(0.0, ge=0.0)
+    grad_clip: float = _num(1.0, ge=0.0)
+    tokens_per_step: int = _num(1_048_576, gt=0, doc="global batch in tokens")
+    micro_batch_size: int = _num(8, gt=0, doc="sequences per process per micro-step")
+    zero_stage: int = _num(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = _num(200, gt=0, doc="optimizer steps")
+    seed: int = _num(0, ge=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    exits: ExitsConfig = field(default_factory=ExitsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir).resolve()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): what a stage's output depends on."""
+        data = self.to_dict()
+        chosen = {name: data[name] for name in (sections or data)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    if tp in (int, float, str, bool):
+        return {int: "an int", float: "a float", str: "a string", bool: "a boolean"}[tp]
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])[2:]}s"
+    return tp.__name__
+
+
+def _coerce(value, tp, path: str):
+    origin = typing.get_origin(tp)
+    fail = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail
+        return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if tp is int:
+        # 1e6 and 1_000_000 are fine in YAML for a token count, 1.5 and True are not
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise fail from None
+            if number.is_integer():
+                return int(number)
+            raise fail
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise fail from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise fail
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _check_range(value, meta: dict, path: str) -> None:
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for key, sign, ok in bounds:
+        if meta.get(key) is not None and not ok(value, meta[key]):
+            raise ConfigError(f"{path}: must be {sign} {meta[key]}, got {value!r}")
+
+
+def _build(cls, raw: dict, path: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            values[name] = _coerce(raw[name], hints[name], where)
+            _check_range(values[name], f.metadata, where)
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(Config, raw, "")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

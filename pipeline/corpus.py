@@ -1,0 +1,191 @@
+"""Sources -> documents -> token budget -> packed sequences, laid out so that tasks work alone.
+
+The layout is a pure function of the config, so any number of tasks produce the same bytes:
+
+- documents come from a `datasets` stream (local text/JSONL/parquet or a hub dataset) in a
+  seeded order; document j is held out when a hash of (seed, j) falls below `heldout_fraction`;
+- each split needs `ceil(tokens / seq_len)` sequences, cut into shards of `sequences_per_shard`;
+- the t-th document of a split feeds shard `t % num_shards` of that split (round robin), and a
+  shard packs its own documents, each followed by EOS, until its sequences are full; the tail of
+  the document that overflows a shard is dropped.
+
+So a shard depends only on its own documents: a task tokenizes just the documents of the shards
+it owns, and a rerun redoes only missing shards.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError, InputError
+
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    split: str
+    index: int
+    sequences: int
+
+
+def plan_shards(data: DataConfig) -> list[ShardSpec]:
+    """Every shard of both splits, train first: the unit of work, of resume and of task splitting."""
+    specs = []
+    for split, tokens in (("train", data.total_tokens), ("heldout", data.heldout_tokens)):
+        sequences = max(1, round(tokens / data.seq_len))
+        for index in range(math.ceil(sequences / data.sequences_per_shard)):
+            specs.append(ShardSpec(split, index, min(data.sequences_per_shard, sequences - index * data.sequences_per_shard)))
+    return specs
+
+
+def shard_counts(specs: Iterable[ShardSpec]) -> dict[str, int]:
+    counts = dict.fromkeys(SPLITS, 0)
+    for spec in specs:
+        counts[spec.split] += 1
+    return counts
+
+
+def is_heldout(seed: int, doc_index: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# ---------------------------------------------------------------- sources
+
+
+def local_files(data: DataConfig) -> list[str]:
+    files = []
+    for pattern in data.files:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise ConfigError(f"data.files: no file matches {pattern!r}")
+        files.extend(matches)
+    return files
+
+
+def source_fingerprint(data: DataConfig) -> dict:
+    """What the documents are read from: file sizes and hashes, or the hub dataset's name."""
+    if data.source == "hub":
+        return {"hub": data.hub_name, "config": data.hub_config, "split": data.hub_split}
+    return {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for f in local_files(data)}
+
+
+def stream_documents(data: DataConfig, tokenizer=None) -> Iterator[str]:
+    """Documents as text, in the seeded order every task sees identically."""
+    from datasets import load_dataset
+
+    if data.source == "hub":
+        stream = load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
+    else:
+        stream = load_dataset(data.source, data_files=local_files(data), split="train", streaming=True)
+    if data.shuffle_buffer:
+        stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
+    for i, record in enumerate(stream):
+        yield _document_text(record, data, tokenizer, i)
+
+
+def _document_text(record: dict, data: DataConfig, tokenizer, index: int) -> str:
+    field = data.text_field if data.source != "text" else "text"
+    if field not in record:
+        raise InputError(f"data.text_field: record {index} has no field {field!r} (fields: {', '.join(record)})")
+    if not data.chat_template:
+        return record[field]
+    if data.prompt_field not in record:
+        raise InputError(f"data.prompt_field: record {index} has no field {data.prompt_field!r}")
+    # As the Balcony reference code does for cosmopedia-v2: (prompt, text) as one conversation.
+    messages = [{"role": "user", "content": record[data.prompt_field]},
+                {"role": "assistant", "content": record[field]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def document_encoder(tokenizer):
+    """texts -> token ids per document, with the tokenizer's own special tokens, then EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError("model.tokenizer: the tokenizer has no EOS token to separate documents")
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+
+    return encode
+
+
+class ShardPacker:
+    """Concatenates one shard's documents (each + EOS) until `sequences * seq_len` tokens."""
+
+    def __init__(self, spec: ShardSpec, seq_len: int):
+        self.spec, self.seq_len = spec, seq_len
+        self.capacity = spec.sequences * seq_len
+        self.buffer = np.empty(self.capacity, dtype=np.int32)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.capacity
+
+    def add(self, token_ids: list[int]) -> None:
+        take = min(len(token_ids), self.capacity - self.filled)
+        self.buffer[self.filled : self.filled + take] = token_ids[:take]
+        self.filled += take
+
+    def sequences(self) -> np.ndarray:
+        assert self.full, "a shard is only emitted when full"
+        return self.buffer.reshape(self.spec.sequences, self.seq_len)
+
+
+def pack_shards(
+    specs: list[ShardSpec],
+    owned: list[ShardSpec],
+    documents: Iterable[str],
+    encode,
+    data: DataConfig,
+    batch_documents: int = 64,
+) -> Iterator[tuple[ShardSpec, np.ndarray]]:
+    """Yield (spec, [sequences, seq_len] int32) for each owned shard as soon as it is full.
+
+    `specs` is the whole plan (it decides the round robin); `owned` the shards to build here;
+    `encode(texts) -> list[list[int]]` tokenizes a batch and appends EOS to each document.
+    """
+    per_split = shard_counts(specs)
+    packers = {(s.split, s.index): ShardPacker(s, data.seq_len) for s in owned}
+    seen = dict.fromkeys(SPLITS, 0)
+    pending: list[tuple[ShardPacker, str]] = []
+
+    def flush():
+        for packer, ids in zip([p for p, _ in pending], encode([t for _, t in pending])):
+            if not packer.full:
+                packer.add(ids)
+                if packer.full:
+                    yield packer.spec, packer.sequences()
+                    del packers[(packer.spec.split, packer.spec.index)]
+        pending.clear()
+
+    for doc_index, text in enumerate(documents):
+        if not packers:
+            return
+        split = "heldout" if is_heldout(data.seed, doc_index, data.heldout_fraction) else "train"
+        packer = packers.get((split, seen[split] % per_split[split]))
+        seen[split] += 1
+        if packer is not None:
+            pending.append((packer, text))
+        if len(pending) >= batch_documents:
+            yield from flush()
+    yield from flush()
+    if packers:
+        short = min(packers.values(), key=lambda p: p.filled / p.capacity)
+        raise InputError(
+            f"data.budget_tokens: the corpus ran out of documents: shard {short.spec.split}/{short.spec.index} "
+            f"got {short.filled} of {short.capacity} tokens; lower data.budget_tokens / data.heldout_tokens "
+            f"or add documents"
+        )
