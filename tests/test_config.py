@@ -1,0 +1,119 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+from conftest import small_config
+
+BAD = [
+    # (section, key, value, message fragment)
+    ("train", "lr", "abc", "train.lr: expected a float, got 'abc'"),
+    ("train", "lr", -1.0, "train.lr: must be > 0"),
+    ("train", "lr", True, "train.lr: expected a float"),
+    ("train", "zero_stage", 4, "train.zero_stage: must be <= 3"),
+    ("train", "zero_stage", 2.5, "train.zero_stage: expected an int"),
+    ("train", "precision", "fp8", "train.precision: expected one of 'auto', 'fp32', 'bf16'"),
+    ("train", "warmup_fraction", 1.0, "train.warmup_fraction: must be < 1"),
+    ("train", "learning_rate", 1e-4, "train.learning_rate: unknown key"),
+    ("data", "budget_tokens", -5, "data.budget_tokens: must be >= 0"),
+    ("data", "budget_tokens", "lots", "data.budget_tokens: expected an int, got 'lots'"),
+    ("data", "seq_len", 4, "data.seq_len: must be >= 8"),
+    ("data", "files", "corpus.txt", "data.files: expected a list of strings"),
+    ("data", "source", "csv", "data.source: expected one of"),
+    ("data", "heldout_fraction", 0.0, "data.heldout_fraction: must be > 0"),
+    ("data", "budget_fraction", 0.5, "data.budget_tokens: give exactly one of"),
+    ("data", "chat_template", True, "data.prompt_field: required when data.chat_template is true"),
+    ("data", "budget_tokens", 64, "data.budget_tokens: the budget (64) is below one sequence (128)"),
+    ("exits", "depths", [0, 3], "exits.depths: every depth must be >= 1"),
+    ("exits", "depths", [3, 3], "exits.depths: duplicate depths"),
+    ("exits", "depths", ["three"], "exits.depths[0]: expected an int, got 'three'"),
+    ("teacher", "format", "full", "teacher.format: expected one of 'topk', 'sampled'"),
+    ("teacher", "k", 0, "teacher.k: must be > 0"),
+    ("model", "backbone", "", "model.backbone: required"),
+    ("model", "trust_remote_code", "yes", "model.trust_remote_code: expected a boolean"),
+    ("run", "dir", 3, "run.dir: expected a string, got 3"),
+]
+
+
+@pytest.mark.parametrize("section,key,value,message", BAD, ids=[f"{s}.{k}={v!r}" for s, k, v, _ in BAD])
+def test_bad_values_name_the_key(tmp_path, section, key, value, message):
+    cfg = small_config(tmp_path / "run", "")
+    cfg.setdefault(section, {})[key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_structural_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(path)
+    path.write_text("run: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"runs": {"dir": "x"}}))
+    with pytest.raises(ConfigError, match="^runs: unknown key"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"train": 5}))
+    with pytest.raises(ConfigError, match="^train: expected a mapping"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"files": ["x"]}}))
+    with pytest.raises(ConfigError, match="data.budget_tokens: give exactly one"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"source": "hub", "budget_tokens": 1000}}))
+    with pytest.raises(ConfigError, match="data.hub_name: required"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"files": ["x"], "budget_fraction": 0.1}}))
+    with pytest.raises(ConfigError, match="data.reference_tokens: required"):
+        load_config(path)
+
+
+def test_overrides_and_yaml_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    cfg = small_config(tmp_path / "run", "")
+    cfg["train"] = {"lr": "5e-4", "tokens_per_step": "1_048_576"}  # PyYAML reads both as strings
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_config(path, ["train.lr=1e-4", "run.dir=/tmp/x", "exits.depths=[1, 4]", "data.budget_tokens=1e4"])
+    assert loaded.train.lr == 1e-4 and loaded.train.tokens_per_step == 1_048_576
+    assert loaded.run.dir == "/tmp/x" and loaded.exits.depths == [1, 4] and loaded.data.budget_tokens == 10_000
+    with pytest.raises(ConfigError, match="^train.lrr: unknown key"):
+        load_config(path, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match="^train.lr: expected a float, got 'abc'"):
+        load_config(path, ["train.lr=abc"])
+
+
+def test_budget_fraction_of_reference(tmp_path):
+    path = tmp_path / "c.yaml"
+    cfg = small_config(tmp_path / "run", "", data={"budget_tokens": 0, "budget_fraction": 0.002,
+                                                    "reference_tokens": 15_000_000})
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_config(path).data.total_tokens == 30_000
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    cfg = small_config(tmp_path / "run", "")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    b.write_text(yaml.safe_dump(dict(reversed(list(cfg.items()))), sort_keys=False))
+    assert load_config(a).hash() == load_config(b).hash()
+    assert load_config(a).hash("data") == load_config(a, ["train.lr=0.1"]).hash("data")
+    assert load_config(a).hash("data") != load_config(a, ["data.seed=1"]).hash("data")
+    assert load_config(a).hash() != load_config(a, ["train.lr=0.1"]).hash()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "llama3-8b.yaml"])
+def test_shipped_configs_load(name):
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / name)
+    if name == "llama3-8b.yaml":
+        assert cfg.exits.depths == [15, 18, 21] and cfg.data.seq_len == 4096 and cfg.train.zero_stage == 3
+        assert cfg.data.total_tokens == 31_500_000_000 and cfg.train.tokens_per_step == 1_048_576

@@ -1,0 +1,154 @@
+"""The tokenize stage end to end, run as a user runs it: a subprocess per invocation."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
+from pipeline.config import load_config
+from pipeline.errors import ShardError
+from pipeline.shards import MANIFEST, PARTS, read_manifest, read_shard
+
+from conftest import BACKBONE, ROOT, run_stage, tree_bytes
+
+STAGE = "tokenize_corpus.py"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tracking_uri, assets):
+    """One uninterrupted single-task run that the other tests compare against."""
+    import yaml
+
+    from conftest import small_config
+
+    folder = tmp_path_factory.mktemp("reference")
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(small_config(folder / "run", tracking_uri)))
+    proc = run_stage(STAGE, "--config", config)
+    return config, folder / "run" / "tokens", proc
+
+
+def test_budget_manifest_and_noop_rerun(reference):
+    config, tokens, proc = reference
+    cfg = load_config(config)
+    manifest = read_manifest(tokens, "tokenize", expect={"seq_len": 128})
+    train = manifest["splits"]["train"]
+    assert abs(train["tokens"] - cfg.data.total_tokens) < cfg.data.seq_len
+    assert manifest["splits"]["heldout"]["tokens"] == 1024 and len(train["shards"]) == 4
+    assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(load_tokenizer(cfg.model))
+    assert manifest["config_hash"] == cfg.hash("data")
+    for record in train["shards"] + manifest["splits"]["heldout"]["shards"]:
+        for sample in read_shard(tokens, record):
+            ids = sample["input_ids.npy"]
+            assert ids.dtype.name == "int32" and ids.shape == (128,)
+    before = {p: p.stat().st_mtime_ns for p in tokens.rglob("*")}
+    again = run_stage(STAGE, "--config", config)
+    assert "nothing to do" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in tokens.rglob("*")} == before
+
+
+def test_shards_hold_real_documents_joined_by_eos(reference):
+    config, tokens, _ = reference
+    tok = load_tokenizer(load_config(config).model)
+    texts = [json.loads(line)["text"] for p in sorted((ROOT / "assets" / "corpus").glob("*.jsonl")) for line in p.open()]
+    eos_seen = 0
+    for record in read_manifest(tokens, "tokenize")["splits"]["train"]["shards"]:
+        ids = [int(t) for s in read_shard(tokens, record) for t in s["input_ids.npy"]]
+        eos_seen += ids.count(tok.eos_token_id)
+        first = tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids)
+        assert any(text.startswith(first[:300]) for text in texts), first[:300]  # a shard starts a document
+    assert eos_seen >= 2
+
+
+def test_three_tasks_give_identical_bytes(reference, write_config, tmp_path):
+    config, tokens, _ = reference
+    split = write_config("split.yaml", run_dir=tmp_path / "split")
+    outputs = [run_stage(STAGE, "--config", split, "--task-index", i, "--num-tasks", 3) for i in (2, 0, 1)]
+    assert "manifest is written when the other tasks finish" in outputs[0].stdout
+    assert "wrote" in outputs[-1].stdout
+    assert tree_bytes(tmp_path / "split" / "tokens") == tree_bytes(tokens)
+
+
+def test_slurm_array_variables_pick_the_task(reference, write_config, tmp_path):
+    config, tokens, _ = reference
+    split = write_config("slurm.yaml", run_dir=tmp_path / "slurm")
+    for task_id in (1, 2):  # an --array=1-2 job: SLURM_ARRAY_TASK_MIN is 1
+        env = {**__import__("os").environ, "SLURM_ARRAY_TASK_ID": str(task_id),
+               "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1"}
+        run_stage(STAGE, "--config", split, env=env)
+    assert tree_bytes(tmp_path / "slurm" / "tokens") == tree_bytes(tokens)
+
+
+def test_sigkill_mid_stage_then_rerun_is_identical(write_config, tmp_path):
+    # many small shards so the kill lands while shards are being written
+    sections = {"data": {"budget_tokens": 300_000, "seq_len": 64, "sequences_per_shard": 16}}
+    total = 293 + 1  # train shards + the held-out shard
+    whole = write_config("whole.yaml", run_dir=tmp_path / "whole", **sections)
+    killed = write_config("killed.yaml", run_dir=tmp_path / "killed", **sections)
+    run_stage(STAGE, "--config", whole)
+    out = tmp_path / "killed" / "tokens"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / STAGE), "--config", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob(f"{PARTS}/shard-*.json"))) < 20:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = len(list(out.rglob(f"{PARTS}/shard-*.json")))
+    assert 0 < done < total, f"the kill should land mid-stage, {done} shards were done"
+    assert not (out / MANIFEST).exists()
+    rerun = run_stage(STAGE, "--config", killed)
+    assert f"{total - done} of {total} shards" in rerun.stdout  # only the missing shards are redone
+    assert tree_bytes(tmp_path / "killed" / "tokens") == tree_bytes(tmp_path / "whole" / "tokens")
+
+
+def test_rerun_with_other_tokenizer_or_data_is_refused(reference, tmp_path):
+    config, tokens, _ = reference
+    before = tree_bytes(tokens)
+    # another tokenizer: the same files plus one added token
+    other = tmp_path / "other-tokenizer"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BACKBONE)
+    tok.add_tokens(["<balcony>"])
+    tok.save_pretrained(other)
+    proc = run_stage(STAGE, "--config", config, f"model.tokenizer={other}", check=False)
+    assert proc.returncode == 2
+    assert "tokenizer_fingerprint=" in proc.stderr and "use another run.dir" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    proc = run_stage(STAGE, "--config", config, "data.seed=7", check=False)
+    assert proc.returncode == 2 and "config_hash=" in proc.stderr
+    assert tree_bytes(tokens) == before
+    # a consumer that expects the other tokenizer refuses these shards, naming the field
+    with pytest.raises(ShardError, match="tokenizer_fingerprint is '[0-9a-f]+', expected '[0-9a-f]+'"):
+        read_manifest(tokens, "tokenize", expect={"tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+
+
+def test_bad_config_starts_no_work(write_config, tmp_path):
+    bad = write_config("bad.yaml", run_dir=tmp_path / "bad", data={"seq_len": "long"})
+    proc = run_stage(STAGE, "--config", bad, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: data.seq_len: expected an int, got 'long'"
+    missing = write_config("missing.yaml", run_dir=tmp_path / "bad", data={"files": [str(tmp_path / "none*.txt")]})
+    proc = run_stage(STAGE, "--config", missing, check=False)
+    assert proc.returncode == 2 and "data.files: no file matches" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_stage_logs_an_mlflow_run(reference, tracking_uri):
+    import mlflow
+
+    config, tokens, _ = reference
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'tokenize' and tags.task = '0/1'")
+    run = next(r for r in runs if r.data.tags["run_dir"] == str(tokens.parent))
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["tokens"] == 8192 and run.data.metrics["tokens_per_s"] > 0
+    assert run.data.params["data.seq_len"] == "128"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "manifest.json" in artifacts
+    manifest = json.loads((tokens / MANIFEST).read_text())
+    assert run.data.tags["config_hash"] == manifest["config_hash"]
