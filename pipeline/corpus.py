@@ -85,7 +85,8 @@ def stream_documents(data: DataConfig, tokenizer=None) -> Iterator[str]:
     if data.source == "hub":
         stream = load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
     else:
-        stream = load_dataset(data.source, data_files=local_files(data), split="train", streaming=True)
+        options = {"sample_by": data.text_sample_by} if data.source == "text" else {}
+        stream = load_dataset(data.source, data_files=local_files(data), split="train", streaming=True, **options)
     if data.shuffle_buffer:
         stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
     for i, record in enumerate(stream):
@@ -100,6 +101,8 @@ def _document_text(record: dict, data: DataConfig, tokenizer, index: int) -> str
         return record[field]
     if data.prompt_field not in record:
         raise InputError(f"data.prompt_field: record {index} has no field {data.prompt_field!r}")
+    if not tokenizer.chat_template:
+        raise InputError("data.chat_template: the tokenizer has no chat template; set it to false or pick model.tokenizer")
     # As the Balcony reference code does for cosmopedia-v2: (prompt, text) as one conversation.
     messages = [{"role": "user", "content": record[data.prompt_field]},
                 {"role": "assistant", "content": record[field]}]
