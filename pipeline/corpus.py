@@ -4,10 +4,13 @@ The layout is a pure function of the config, so any number of tasks produce the 
 
 - documents come from a `datasets` stream (local text/JSONL/parquet or a hub dataset) in a
   seeded order; document j is held out when a hash of (seed, j) falls below `heldout_fraction`;
-- each split needs `ceil(tokens / seq_len)` sequences, cut into shards of `sequences_per_shard`;
-- the t-th document of a split feeds shard `t % num_shards` of that split (round robin), and a
-  shard packs its own documents, each followed by EOS, until its sequences are full; the tail of
-  the document that overflows a shard is dropped.
+- each split needs `round(tokens / seq_len)` sequences, cut into shards of `sequences_per_shard`;
+- each document goes to the shard of its split that has received the fewest characters per
+  sequence so far (characters, not tokens: every task can route every document without
+  tokenizing it), and a shard packs its own documents, each followed by EOS, until its sequences
+  are full; the tail of the document that overflows a shard is dropped. Balancing by length
+  rather than by count keeps shards filling at the same pace, so budgets close to the corpus
+  size still fit.
 
 So a shard depends only on its own documents: a task tokenizes just the documents of the shards
 it owns, and a rerun redoes only missing shards.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -147,6 +151,23 @@ class ShardPacker:
         return self.buffer.reshape(self.spec.sequences, self.seq_len)
 
 
+class Router:
+    """Deterministic document -> shard routing: least characters per sequence of capacity first."""
+
+    def __init__(self, specs: Iterable[ShardSpec]):
+        self.heaps: dict[str, list[tuple[float, int, int]]] = {split: [] for split in SPLITS}
+        for spec in specs:
+            self.heaps[spec.split].append((0.0, spec.index, spec.sequences))
+        for heap in self.heaps.values():
+            heapq.heapify(heap)
+
+    def route(self, split: str, text: str) -> int:
+        heap = self.heaps[split]
+        load, index, sequences = heap[0]
+        heapq.heapreplace(heap, (load + len(text) / sequences, index, sequences))
+        return index
+
+
 def pack_shards(
     specs: list[ShardSpec],
     owned: list[ShardSpec],
@@ -157,12 +178,11 @@ def pack_shards(
 ) -> Iterator[tuple[ShardSpec, np.ndarray]]:
     """Yield (spec, [sequences, seq_len] int32) for each owned shard as soon as it is full.
 
-    `specs` is the whole plan (it decides the round robin); `owned` the shards to build here;
+    `specs` is the whole plan (it decides the routing); `owned` the shards to build here;
     `encode(texts) -> list[list[int]]` tokenizes a batch and appends EOS to each document.
     """
-    per_split = shard_counts(specs)
+    router = Router(specs)
     packers = {(s.split, s.index): ShardPacker(s, data.seq_len) for s in owned}
-    seen = dict.fromkeys(SPLITS, 0)
     pending: list[tuple[ShardPacker, str]] = []
 
     def flush():
@@ -178,8 +198,7 @@ def pack_shards(
         if not packers:
             return
         split = "heldout" if is_heldout(data.seed, doc_index, data.heldout_fraction) else "train"
-        packer = packers.get((split, seen[split] % per_split[split]))
-        seen[split] += 1
+        packer = packers.get((split, router.route(split, text)))
         if packer is not None:
             pending.append((packer, text))
         if len(pending) >= batch_documents:

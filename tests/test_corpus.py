@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpus import ShardSpec, is_heldout, pack_shards, plan_shards
+from pipeline.corpus import Router, ShardSpec, is_heldout, pack_shards, plan_shards
 from pipeline.errors import InputError
 
 
@@ -52,13 +52,27 @@ def test_any_subset_of_owners_gives_identical_shards():
                 np.testing.assert_array_equal(seqs, everything[key])
 
 
-def test_documents_are_joined_by_eos_and_routed_round_robin():
+def test_routing_balances_characters_per_sequence():
+    specs = [ShardSpec("train", 0, 30), ShardSpec("train", 1, 30), ShardSpec("train", 2, 10)]
+    router = Router(specs)
+    rng = np.random.default_rng(1)
+    load = [0, 0, 0]
+    for length in rng.integers(1, 500, 3000):
+        load[router.route("train", "x" * int(length))] += int(length)
+    per_sequence = [load[0] / 30, load[1] / 30, load[2] / 10]
+    assert max(per_sequence) - min(per_sequence) <= 500 / 10  # within one document
+
+
+def test_shards_are_their_documents_joined_by_eos():
     data = _data(heldout_fraction=1e-9, budget_tokens=60, seq_len=10, sequences_per_shard=2)
-    out = _pack(data, [s for s in plan_shards(data) if s.split == "train"])
-    docs = _documents()
-    # three train shards: shard 1 gets documents 1, 4, 7, ... (each followed by EOS)
-    stream = [t for d in docs[1::3] for t in d + [2]]
-    np.testing.assert_array_equal(out[("train", 1)].ravel(), stream[:20])
+    specs = plan_shards(data)
+    train = [s for s in specs if s.split == "train"]
+    out = _pack(data, train)
+    router, routed = Router(specs), {0: [], 1: [], 2: []}
+    for doc in _documents():
+        routed[router.route("train", doc)].extend(doc + [2])
+    for index, stream in routed.items():
+        np.testing.assert_array_equal(out[("train", index)].ravel(), stream[:20])
 
 
 def test_corpus_too_small_is_a_clear_error():
