@@ -1,4 +1,4 @@
-"""Load the frozen backbone's tokenizer (and, for later stages, its weights) and fingerprint them.
+"""Load the frozen backbone and its tokenizer, and fingerprint both.
 
 The same code serves the embedded default (a local folder) and a cluster user's hub model name.
 Remote code runs only when the config says `model.trust_remote_code: true`.
@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
+
+import torch
 
 from pipeline.config import ModelConfig
 from pipeline.errors import InputError
+from pipeline.shards import file_sha256
 
 
 def load_tokenizer(model: ModelConfig):
@@ -38,3 +43,71 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "chat_template": tokenizer.chat_template,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- weights
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                         "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}
+
+
+def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+    if model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, model.dtype)
+
+
+def weights_dir(model: ModelConfig) -> Path:
+    """The local folder holding the backbone's files (a hub name resolves to its cached snapshot)."""
+    if Path(model.backbone).is_dir():
+        return Path(model.backbone)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model.backbone, revision=model.revision or None,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
+        raise InputError(f"model.backbone: {model.backbone!r} is not a local folder and cannot be fetched ({e})") from None
+
+
+def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
+    """The frozen causal LM: safetensors weights only, eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    folder = weights_dir(model)
+    if not list(folder.glob("*.safetensors")):
+        raise InputError(f"model.backbone: {folder} has no .safetensors weights (pickled checkpoints are not loaded)")
+    overrides = {"num_hidden_layers": model.num_layers} if model.num_layers else {}
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=resolve_dtype(model, device), use_safetensors=True,
+            trust_remote_code=model.trust_remote_code, **overrides,
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.backbone: cannot load {folder} ({str(e).splitlines()[0]})") from None
+    lm.requires_grad_(False)
+    return lm.eval().to(device)
+
+
+def _file_sha256_cached(path: Path) -> str:
+    """sha256 of a weight file, cached by (path, size, mtime): an 8B model is 16 GB to hash."""
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "balcony" / "sha256.json"
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if key not in cache:
+        cache[key] = file_sha256(path)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return cache[key]
+
+
+def backbone_fingerprint(model: ModelConfig, lm) -> str:
+    """Hash of the architecture (config, including any truncation) and of the weight files."""
+    config = {k: v for k, v in lm.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    weights = {p.name: _file_sha256_cached(p) for p in sorted(weights_dir(model).glob("*.safetensors"))}
+    identity = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]

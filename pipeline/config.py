@@ -38,6 +38,7 @@ class ModelConfig:
     tokenizer: str = ""  # empty: the backbone's own tokenizer
     revision: str = ""  # hub revision; empty: default branch
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_layers: int = _num(0, ge=0, doc="keep only the first N layers (smoke tests); 0 keeps all")
     trust_remote_code: bool = False
 
     def validate(self, path: str) -> None:
@@ -103,6 +104,10 @@ class TeacherConfig:
     format: Literal["topk", "sampled"] = "topk"
     k: int = _num(64, gt=0, doc="top-k entries per position")
     samples: int = _num(24, gt=0, doc="draws per position for the sampled format")
+    compact: bool = True  # bit-packed ids, quantised log-probs; false: float16 + int32
+    logprob_bits: int = _num(10, ge=4, le=16, doc="bits per quantised log-prob (compact)")
+    fidelity_positions: int = _num(64, ge=0, doc="positions per batch checked against the full distribution")
+    seed: int = _num(0, ge=0, doc="draws of the sampled format")
     batch_size: int = _num(8, gt=0)
     chunk_size: int = _num(1024, gt=0, doc="positions per log-softmax chunk")
 

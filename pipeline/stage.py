@@ -1,0 +1,81 @@
+"""The skeleton every stage shares: its command line, and the loop of a sharded stage.
+
+    python stages/NAME.py --config C [key.path=value ...] [--task-index I --num-tasks N]
+
+A sharded stage pins its output directory to a header (what the output is a function of), skips
+when the manifest already exists, writes its share I::N of the shards that are not committed yet,
+and writes the manifest when the last shard of the set is in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Config, load_config
+from pipeline.distributed import resolve_task
+from pipeline.errors import PipelineError
+from pipeline.shards import MANIFEST, claim_directory, completed_record, finalize_manifest, read_manifest
+from pipeline.tracking import Tracker, stage_run
+
+
+def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        body(cfg, resolve_task(args.task_index, args.num_tasks))
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+Shard = tuple[str, int]  # (split, index)
+
+
+def run_sharded(
+    cfg: Config,
+    stage: str,
+    out: Path,
+    header: dict,
+    counts: dict[str, int],
+    task: tuple[int, int],
+    write: Callable[[list[Shard], Tracker], int],
+) -> dict | None:
+    """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
+
+    Returns the manifest once the set is complete (now or earlier), else None.
+    """
+    claim_directory(out, header)  # refuses a directory written from other inputs or settings
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out, stage, expect=header)
+        print(f"{stage}: {out} is complete ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
+        return manifest
+    shards = [(split, index) for split, count in counts.items() for index in range(count)]
+    index, count = task
+    todo = [s for s in shards[index::count] if completed_record(out, *s) is None]
+    print(f"{stage}: task {index}/{count}: {len(todo)} of {len(shards)} shards to write into {out}")
+    with stage_run(cfg, stage, header["config_hash"], task) as tracker:
+        start = time.perf_counter()
+        tokens = write(todo, tracker) if todo else 0
+        seconds = time.perf_counter() - start
+        tracker.metrics({"tokens_written": tokens, "shards_written": len(todo),
+                         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0})
+        manifest = finalize_manifest(out, header, counts)
+        if manifest is None:
+            print(f"{stage}: task {index}/{count} done; the manifest is written when the other tasks finish")
+            return None
+        train, heldout = manifest["splits"]["train"], manifest["splits"]["heldout"]
+        tracker.metrics({"tokens": train["tokens"], "sequences": train["samples"], "shards": len(train["shards"]),
+                         "heldout_tokens": heldout["tokens"],
+                         "bytes_per_token": (train["bytes"] + heldout["bytes"]) / (train["tokens"] + heldout["tokens"])})
+        tracker.artifact(out / MANIFEST)
+        print(f"{stage}: wrote {out / MANIFEST}: {train['tokens']:,} train tokens in {len(train['shards'])} shards, "
+              f"{heldout['tokens']:,} held-out tokens ({tokens / max(seconds, 1e-9):,.0f} tok/s)")
+        return manifest

@@ -1,0 +1,115 @@
+"""The frozen backbone as a teacher: token batches -> compact per-sample targets, chunk by chunk.
+
+The backbone body runs once per batch; the LM head, log-softmax and target selection then run
+over `teacher.chunk_size` positions at a time, so [batch, seq, vocab] float32 never exists.
+A few positions per batch are also checked against the full distribution (FidelityMeter).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from pipeline.config import TeacherConfig
+from pipeline.losses import exact_kl, kl_to_target
+from pipeline.targets import SparseTarget, TargetFormat
+
+
+def sample_uniforms(seed: int, key: str, length: int, draws: int) -> torch.Tensor:
+    """The uniforms behind one sequence's draws: a function of (seed, sample key) only."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+    return torch.rand(length, draws, generator=generator)
+
+
+class FidelityMeter:
+    """How much the stored targets lose, on probe positions where the full distribution is known.
+
+    - target_kl: KL(p || reconstructed top-k distribution, rest spread evenly) (top-k only);
+    - tail_mass: mean mass outside the stored ids (top-k only);
+    - lens_kl_*: for a realistic student (the logit lens at half depth), the KL the targets
+      estimate vs the exact KL: `bias` is the relative error of the mean, `rel_rmse` the per-position noise.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, fmt: TargetFormat, teacher_logprobs: torch.Tensor, target: SparseTarget,
+               student_logits: torch.Tensor) -> None:
+        exact = exact_kl(teacher_logprobs, student_logits)
+        estimate = kl_to_target(student_logits, target)
+        values = {"lens_kl_exact": exact.sum(), "lens_kl_estimate": estimate.sum(),
+                  "lens_kl_sq_error": ((estimate - exact) ** 2).sum()}
+        if target.rest is not None:
+            values["tail_mass"] = target.rest.sum()
+            values["target_kl"] = exact_kl(teacher_logprobs, fmt.reconstruct(target)).sum()
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += len(exact)
+
+    def summary(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        mean = {name: value / self.count for name, value in self.sums.items()}
+        out = {"lens_kl_exact": mean["lens_kl_exact"],
+               "lens_kl_bias": (mean["lens_kl_estimate"] - mean["lens_kl_exact"]) / mean["lens_kl_exact"],
+               "lens_kl_rel_rmse": mean["lens_kl_sq_error"] ** 0.5 / mean["lens_kl_exact"]}
+        out.update({k: mean[k] for k in ("target_kl", "tail_mass") if k in mean})
+        return out
+
+
+class Teacher:
+    def __init__(self, lm, fmt: TargetFormat, cfg: TeacherConfig):
+        self.lm, self.fmt, self.cfg = lm, fmt, cfg
+        self.device = next(lm.parameters()).device
+        self.lens_depth = max(1, len(lm.model.layers) // 2)
+        self.fidelity = FidelityMeter()
+
+    def _forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final hidden states, and the half-depth ones when fidelity probes are on."""
+        captured = {}
+        hook = None
+        if self.cfg.fidelity_positions:
+            def keep(module, args, output):
+                captured["h"] = output[0] if isinstance(output, tuple) else output
+            hook = self.lm.model.layers[self.lens_depth - 1].register_forward_hook(keep)
+        try:
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        return hidden, captured.get("h")
+
+    @torch.inference_mode()
+    def targets(self, input_ids: np.ndarray, keys: list[str]) -> list[dict[str, np.ndarray]]:
+        """[B, T] token ids (and their sample keys) -> one dict of target arrays per sample."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        batch, length = ids.shape
+        hidden, lens_hidden = self._forward(ids)
+        hidden = hidden.reshape(batch * length, -1)
+        uniforms = None
+        if self.fmt.kind == "sampled":
+            uniforms = torch.cat([sample_uniforms(self.cfg.seed, k, length, self.fmt.entries) for k in keys])
+            uniforms = uniforms.to(self.device)
+        probes = torch.linspace(0, batch * length - 1, self.cfg.fidelity_positions).long().tolist()
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, batch * length, self.cfg.chunk_size):
+            stop = min(start + self.cfg.chunk_size, batch * length)
+            logprobs = self.lm.lm_head(hidden[start:stop]).float().log_softmax(-1)
+            chosen, values = self.fmt.select(logprobs, None if uniforms is None else uniforms[start:stop])
+            encoded = self.fmt.encode(chosen, values)
+            for name, array in encoded.items():
+                pieces.setdefault(name, []).append(array.cpu())
+            rows = [p - start for p in probes if start <= p < stop]
+            if rows:
+                self._probe(logprobs[rows], {k: v[rows] for k, v in encoded.items()},
+                            lens_hidden.reshape(batch * length, -1)[[start + r for r in rows]])
+        arrays = {name: torch.cat(parts).reshape(batch, length, *parts[0].shape[1:]).numpy()
+                  for name, parts in pieces.items()}
+        return [{name: array[b] for name, array in arrays.items()} for b in range(batch)]
+
+    def _probe(self, teacher_logprobs, encoded, lens_hidden) -> None:
+        student_logits = self.lm.lm_head(self.lm.model.norm(lens_hidden)).float()
+        self.fidelity.update(self.fmt, teacher_logprobs, self.fmt.decode(encoded), student_logits)

@@ -1,0 +1,67 @@
+"""teacher-logits: RUN/tokens/ + the frozen backbone -> RUN/teacher/ (compact teacher targets).
+
+    python stages/teacher_logits.py --config configs/demo.yaml [key.path=value ...]
+                                    [--task-index I --num-tasks N]
+
+Teacher shards are 1:1 with token shards (same keys, same order) and add the target arrays of
+`teacher.format`. Token shards are checked (tokenizer, seq_len, checksums) before any compute.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, resolve_dtype, tokenizer_fingerprint
+from pipeline.config import Config
+from pipeline.shards import TOKENS_KEY, manifest_hash, read_manifest, read_shard, write_shard
+from pipeline.stage import run_sharded, run_stage
+from pipeline.targets import TargetFormat
+from pipeline.teacher import Teacher
+
+STAGE = "teacher"
+
+
+def teacher_logits(cfg: Config, task: tuple[int, int]) -> None:
+    tokens_dir, out = cfg.run_dir / "tokens", cfg.run_dir / "teacher"
+    tokenizer = load_tokenizer(cfg.model)
+    tokens = read_manifest(tokens_dir, "tokenize", expect={
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": cfg.data.seq_len})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_backbone(cfg.model, device)
+    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    header = {
+        "stage": STAGE,
+        "config_hash": cfg.hash("teacher"),
+        "input_manifest_hash": manifest_hash(tokens_dir),
+        "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
+        "backbone_fingerprint": backbone_fingerprint(cfg.model, lm),
+        "dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch."),
+        "seq_len": cfg.data.seq_len,
+        "target_format": fmt.describe(),
+    }
+    records = {split: info["shards"] for split, info in tokens["splits"].items()}
+    teacher = Teacher(lm, fmt, cfg.teacher)
+
+    def write(todo, tracker) -> int:
+        total = sum(records[split][index]["tokens"] for split, index in todo)
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE, smoothing=0.1) as bar:
+            for split, index in todo:
+                samples = list(read_shard(tokens_dir, records[split][index]))  # verifies the checksum first
+                targets = []
+                for start in range(0, len(samples), cfg.teacher.batch_size):
+                    batch = samples[start : start + cfg.teacher.batch_size]
+                    keys = [s["__key__"] for s in batch]
+                    targets += teacher.targets(torch.stack([torch.as_tensor(s[TOKENS_KEY]) for s in batch]).numpy(), keys)
+                    bar.update(sum(s[TOKENS_KEY].size for s in batch))
+                write_shard(out, split, index, ({"__key__": s["__key__"], TOKENS_KEY: s[TOKENS_KEY], **t}
+                                                for s, t in zip(samples, targets)))
+                tracker.metrics(teacher.fidelity.summary())
+        tracker.metrics({"target_bytes_per_token": fmt.bytes_per_position()})
+        return total
+
+    counts = {split: len(shards) for split, shards in records.items()}
+    run_sharded(cfg, STAGE, out, header, counts, task, write)
+
+
+if __name__ == "__main__":
+    run_stage(__doc__.splitlines()[0], teacher_logits)
