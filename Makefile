@@ -23,15 +23,17 @@ QUIET_PIP  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup assets demo pipeline test stage-tokenize clean
+.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, run the test suite"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
-	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize)"
+	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize, teacher-logits)"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
+	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
+	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 
 setup: $(STAMP)
 
@@ -53,11 +55,17 @@ assets: setup
 stage-tokenize: assets
 	$(PY) stages/tokenize_corpus.py --config $(CONFIG) $(ARGS)
 
-pipeline: stage-tokenize
+stage-teacher-logits: assets
+	$(PY) stages/teacher_logits.py --config $(CONFIG) $(ARGS)
+
+# Stages run in order: each reads what the previous one wrote.
+pipeline:
+	$(MAKE) --no-print-directory stage-tokenize CONFIG=$(CONFIG) ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory stage-teacher-logits CONFIG=$(CONFIG) ARGS="$(ARGS)"
 
 demo: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml
-	@echo "demo: outputs under runs/demo/ (tokens/manifest.json); MLflow store runs/demo/mlflow.db"
+	@echo "demo: outputs under runs/demo/ (tokens/, teacher/, each with manifest.json); MLflow store runs/demo/mlflow.db"
 
 test: assets
 	$(PY) -m pytest tests

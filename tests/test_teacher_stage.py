@@ -1,0 +1,162 @@
+"""The teacher-logits stage on a truncated real backbone (2 of 30 layers), run as a user runs it."""
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.backbone import load_backbone
+from pipeline.config import ModelConfig, TeacherConfig, load_config
+from pipeline.shards import MANIFEST, PARTS, read_manifest, read_shard
+from pipeline.targets import TargetFormat
+from pipeline.teacher import Teacher
+
+from conftest import BACKBONE, ROOT, run_stage, small_config, tree_bytes
+
+TOKENIZE, TEACHER = "tokenize_corpus.py", "teacher_logits.py"
+SMALL = {"model": {"num_layers": 2}, "teacher": {"batch_size": 4, "chunk_size": 200, "fidelity_positions": 8}}
+
+
+def _config(folder, tracking_uri, name="config.yaml", run="run", **sections):
+    cfg = small_config(folder / run, tracking_uri, **SMALL)
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tracking_uri, assets):
+    folder = tmp_path_factory.mktemp("teacher")
+    config = _config(folder, tracking_uri)
+    run_stage(TOKENIZE, "--config", config)
+    run_stage(TEACHER, "--config", config)
+    return config, folder / "run"
+
+
+def test_targets_align_with_tokens_and_match_the_model(reference):
+    config, run = reference
+    cfg = load_config(config)
+    tokens = read_manifest(run / "tokens", "tokenize")
+    teacher = read_manifest(run / "teacher", "teacher", expect={"seq_len": 128})
+    assert teacher["input_manifest_hash"] and teacher["target_format"]["format"] == "topk"
+    lm = load_backbone(cfg.model)
+    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    for split in ("train", "heldout"):
+        for tok_rec, tea_rec in zip(tokens["splits"][split]["shards"], teacher["splits"][split]["shards"]):
+            assert tok_rec["file"] == tea_rec["file"] and tok_rec["samples"] == tea_rec["samples"]
+            tok_samples = list(read_shard(run / "tokens", tok_rec))
+            tea_samples = list(read_shard(run / "teacher", tea_rec))
+            for a, b in zip(tok_samples, tea_samples):
+                assert a["__key__"] == b["__key__"]
+                np.testing.assert_array_equal(a["input_ids.npy"], b["input_ids.npy"])
+    # the stored targets decode to the top-k of the model's own full logits
+    sample = tea_samples[0]
+    with torch.no_grad():
+        logprobs = lm(torch.as_tensor(sample["input_ids.npy"]).long()[None]).logits[0].log_softmax(-1)
+    target = fmt.decode({k: torch.as_tensor(sample[k]) for k in (fmt.ids_key, fmt.logprobs_key)})
+    values, ids = logprobs.topk(cfg.teacher.k, dim=-1)
+    agree = (target.ids == ids).float().mean()
+    assert agree > 0.99  # ties at the k-th place may flip between batched and single forward passes
+    assert (target.logprobs - values).abs().max() < fmt.step
+
+
+def test_smaller_than_naive_top64_and_noop_rerun(reference):
+    config, run = reference
+    manifest = read_manifest(run / "teacher", "teacher")
+    train = manifest["splits"]["train"]
+    naive_target_bytes = 64 * (2 + 4)
+    assert train["bytes"] / train["tokens"] < naive_target_bytes  # shard bytes, ids and tar included
+    before = tree_bytes(run / "teacher")
+    assert "nothing to do" in run_stage(TEACHER, "--config", config).stdout
+    assert tree_bytes(run / "teacher") == before
+
+
+def test_three_tasks_identical(reference, tmp_path, tracking_uri):
+    config, run = reference
+    split = _config(tmp_path, tracking_uri, run="split")
+    run_stage(TOKENIZE, "--config", split)
+    for index in (1, 2, 0):
+        run_stage(TEACHER, "--config", split, "--task-index", index, "--num-tasks", 3)
+    assert tree_bytes(tmp_path / "split" / "teacher") == tree_bytes(run / "teacher")
+
+
+def test_sigkill_then_rerun_is_identical(tmp_path, tracking_uri, assets):
+    sections = {"data": {"budget_tokens": 16384, "sequences_per_shard": 4}}
+    whole, killed = (_config(tmp_path, tracking_uri, f"{n}.yaml", n, **sections) for n in ("whole", "killed"))
+    for config in (whole, killed):
+        run_stage(TOKENIZE, "--config", config)
+    run_stage(TEACHER, "--config", whole)
+    out = tmp_path / "killed" / "teacher"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / TEACHER), "--config", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.rglob(f"{PARTS}/shard-*.json"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = len(list(out.rglob(f"{PARTS}/shard-*.json")))
+    assert 0 < done < 34 and not (out / MANIFEST).exists(), f"the kill should land mid-stage ({done} of 34 done)"
+    run_stage(TEACHER, "--config", killed)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "whole" / "teacher")
+
+
+def test_refuses_mismatched_or_corrupt_tokens(reference, tmp_path):
+    config, run = reference
+    before = tree_bytes(run / "teacher")
+    proc = run_stage(TEACHER, "--config", config, "data.seq_len=64", check=False)
+    assert proc.returncode == 2 and "seq_len is 128, expected 64" in proc.stderr
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(BACKBONE)
+    other.add_tokens(["<balcony>"])
+    other.save_pretrained(tmp_path / "tok")
+    proc = run_stage(TEACHER, "--config", config, f"model.tokenizer={tmp_path / 'tok'}", check=False)
+    assert proc.returncode == 2 and "tokenizer_fingerprint is" in proc.stderr
+    proc = run_stage(TEACHER, "--config", config, "model.num_layers=3", check=False)
+    assert proc.returncode == 2 and "backbone_fingerprint=" in proc.stderr
+    proc = run_stage(TEACHER, "--config", config, "teacher.k=49152", check=False)
+    assert proc.returncode == 2 and "teacher.k: must be below the vocabulary size 49152" in proc.stderr
+    assert tree_bytes(run / "teacher") == before
+
+
+def test_corrupt_token_shard_is_refused_before_use(tmp_path, tracking_uri, assets):
+    config = _config(tmp_path, tracking_uri)
+    run_stage(TOKENIZE, "--config", config)
+    shard = tmp_path / "run" / "tokens" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_stage(TEACHER, "--config", config, check=False)
+    assert proc.returncode == 2 and f"{shard}: sha256 is" in proc.stderr
+    assert not (tmp_path / "run" / "teacher" / "shard-000001.tar").exists()
+
+
+def test_sampled_format_end_to_end(tmp_path, tracking_uri, assets):
+    config = _config(tmp_path, tracking_uri, teacher={"format": "sampled", "samples": 12})
+    run_stage(TOKENIZE, "--config", config)
+    run_stage(TEACHER, "--config", config)
+    manifest = read_manifest(tmp_path / "run" / "teacher", "teacher")
+    assert manifest["target_format"] == {"format": "sampled", "entries": 12, "compact": True, "vocab_size": 49152,
+                                         "id_bits": 16, "logprob_bits": 10, "logprob_range": 24.0}
+    sample = next(read_shard(tmp_path / "run" / "teacher", manifest["splits"]["train"]["shards"][0]))
+    assert sample["sample_ids.npy"].shape == (128, 24) and sample["sample_logprobs.npy"].shape == (128, 15)
+
+
+def test_chunks_bound_the_logits_and_do_not_change_targets(assets):
+    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=2))
+    seen = []
+    lm.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    ids = torch.randint(0, 49152, (3, 64)).numpy()
+    outputs = []
+    for chunk in (50, 10_000):
+        cfg = TeacherConfig(chunk_size=chunk, fidelity_positions=0)
+        outputs.append(Teacher(lm, TargetFormat(cfg, 49152), cfg).targets(ids, ["a", "b", "c"]))
+    assert max(seen[: len(seen) - 1]) <= 50 and seen[-1] == 192
+    for a, b in zip(*outputs):
+        assert np.array_equal(a["topk_ids.npy"], b["topk_ids.npy"])
