@@ -70,5 +70,8 @@ demo: assets
 test: assets
 	$(PY) -m pytest tests
 
+bench: assets
+	$(PY) bench/teacher_bench.py
+
 clean:
 	rm -rf runs/ .pytest_cache

@@ -105,7 +105,7 @@ class TeacherConfig:
     k: int = _num(64, gt=0, doc="top-k entries per position")
     samples: int = _num(24, gt=0, doc="draws per position for the sampled format")
     compact: bool = True  # bit-packed ids, quantised log-probs; false: float16 + int32
-    logprob_bits: int = _num(10, ge=4, le=16, doc="bits per quantised log-prob (compact)")
+    logprob_bits: int = _num(12, ge=4, le=16, doc="bits per quantised log-prob (compact)")
     fidelity_positions: int = _num(64, ge=0, doc="positions per batch checked against the full distribution")
     seed: int = _num(0, ge=0, doc="draws of the sampled format")
     batch_size: int = _num(8, gt=0)

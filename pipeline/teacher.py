@@ -99,14 +99,15 @@ class Teacher:
         pieces: dict[str, list[torch.Tensor]] = {}
         for start in range(0, batch * length, self.cfg.chunk_size):
             stop = min(start + self.cfg.chunk_size, batch * length)
-            logprobs = self.lm.lm_head(hidden[start:stop]).float().log_softmax(-1)
-            chosen, values = self.fmt.select(logprobs, None if uniforms is None else uniforms[start:stop])
+            logits = self.lm.lm_head(hidden[start:stop]).float()
+            rows = [p - start for p in probes if start <= p < stop]
+            probe_logprobs = logits[rows].log_softmax(-1) if rows else None  # before select overwrites logits
+            chosen, values = self.fmt.select(logits, None if uniforms is None else uniforms[start:stop])
             encoded = self.fmt.encode(chosen, values)
             for name, array in encoded.items():
                 pieces.setdefault(name, []).append(array.cpu())
-            rows = [p - start for p in probes if start <= p < stop]
             if rows:
-                self._probe(logprobs[rows], {k: v[rows] for k, v in encoded.items()},
+                self._probe(probe_logprobs, {k: v[rows] for k, v in encoded.items()},
                             lens_hidden.reshape(batch * length, -1)[[start + r for r in rows]])
         arrays = {name: torch.cat(parts).reshape(batch, length, *parts[0].shape[1:]).numpy()
                   for name, parts in pieces.items()}

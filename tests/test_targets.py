@@ -27,7 +27,7 @@ def _logprobs(n=16, vocab=1000, seed=0, scale=4.0):
 def test_topk_round_trip_equals_topk_of_logits(compact):
     logprobs = _logprobs()
     fmt = TargetFormat(TeacherConfig(k=32, compact=compact, logprob_bits=12), vocab_size=1000)
-    target = fmt.decode(fmt.encode(*fmt.select(logprobs, None)))
+    target = fmt.decode(fmt.encode(*fmt.select(logprobs.clone(), None)))
     values, ids = logprobs.topk(32, dim=-1)
     assert torch.equal(target.ids, ids)
     tolerance = fmt.step / 2 + 1e-6 if compact else 1e-2
@@ -50,14 +50,14 @@ def test_compact_is_smaller_than_naive():
 def test_topk_rest_bucket_is_exact_when_it_holds_one_token():
     teacher, student = _logprobs(vocab=50, seed=1), _logprobs(vocab=50, seed=2) * 1.3
     fmt = TargetFormat(TeacherConfig(k=49, compact=False), vocab_size=50)
-    target = fmt.decode(fmt.encode(*fmt.select(teacher, None)))
+    target = fmt.decode(fmt.encode(*fmt.select(teacher.clone(), None)))
     assert torch.allclose(kl_to_target(student, target), exact_kl(teacher, student), rtol=2e-3, atol=2e-3)
 
 
 def test_topk_underestimates_the_kl():
     teacher, student = _logprobs(seed=3), _logprobs(seed=4)
     fmt = TargetFormat(TeacherConfig(k=8, compact=False), vocab_size=1000)
-    target = fmt.decode(fmt.encode(*fmt.select(teacher, None)))
+    target = fmt.decode(fmt.encode(*fmt.select(teacher.clone(), None)))
     # coarse-graining can only lose information (data processing inequality)
     assert torch.all(kl_to_target(student, target) <= exact_kl(teacher, student) + 1e-2)
 
@@ -73,7 +73,7 @@ def test_sampled_estimator_is_unbiased():
     tolerance = 4 * math.sqrt(variance / (draws * replicas))
     fmt = TargetFormat(TeacherConfig(format="sampled", samples=draws, compact=False), vocab_size=vocab)
     uniforms = torch.rand(replicas, draws, generator=torch.Generator().manual_seed(7))
-    target = fmt.decode(fmt.encode(*fmt.select(teacher.expand(replicas, -1), uniforms)))
+    target = fmt.decode(fmt.encode(*fmt.select(teacher.expand(replicas, -1).clone(), uniforms)))
     estimates = kl_to_target(student.expand(replicas, -1), target)
     assert abs(estimates.mean() - exact) < tolerance, (float(estimates.mean()), float(exact), tolerance)
     assert estimates.std() > 0  # a real estimator, not the exact value in disguise
@@ -85,7 +85,7 @@ def test_sampled_estimator_is_unbiased():
 def test_compact_sampled_round_trip():
     teacher = _logprobs(vocab=300)
     fmt = TargetFormat(TeacherConfig(format="sampled", samples=24), vocab_size=300)
-    ids, values = fmt.select(teacher, torch.rand(16, 24))
+    ids, values = fmt.select(teacher.clone(), torch.rand(16, 24))
     target = fmt.decode(fmt.encode(ids, values))
     assert torch.equal(target.ids, ids) and target.rest is None
     assert torch.all((target.logprobs - values).abs() <= fmt.step / 2 + 1e-6)

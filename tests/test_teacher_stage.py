@@ -143,9 +143,9 @@ def test_sampled_format_end_to_end(tmp_path, tracking_uri, assets):
     run_stage(TEACHER, "--config", config)
     manifest = read_manifest(tmp_path / "run" / "teacher", "teacher")
     assert manifest["target_format"] == {"format": "sampled", "entries": 12, "compact": True, "vocab_size": 49152,
-                                         "id_bits": 16, "logprob_bits": 10, "logprob_range": 24.0}
+                                         "id_bits": 16, "logprob_bits": 12, "logprob_range": 24.0}
     sample = next(read_shard(tmp_path / "run" / "teacher", manifest["splits"]["train"]["shards"][0]))
-    assert sample["sample_ids.npy"].shape == (128, 24) and sample["sample_logprobs.npy"].shape == (128, 15)
+    assert sample["sample_ids.npy"].shape == (128, 24) and sample["sample_logprobs.npy"].shape == (128, 18)
 
 
 def test_chunks_bound_the_logits_and_do_not_change_targets(assets):
