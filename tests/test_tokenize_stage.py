@@ -1,18 +1,14 @@
 """The tokenize stage end to end, run as a user runs it: a subprocess per invocation."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.config import load_config
 from pipeline.errors import ShardError
-from pipeline.shards import MANIFEST, PARTS, read_manifest, read_shard
+from pipeline.shards import MANIFEST, read_manifest, read_shard
 
-from conftest import BACKBONE, ROOT, run_stage, tree_bytes
+from conftest import BACKBONE, ROOT, kill_mid_stage, run_stage, tree_bytes
 
 STAGE = "tokenize_corpus.py"
 
@@ -89,17 +85,7 @@ def test_sigkill_mid_stage_then_rerun_is_identical(write_config, tmp_path):
     whole = write_config("whole.yaml", run_dir=tmp_path / "whole", **sections)
     killed = write_config("killed.yaml", run_dir=tmp_path / "killed", **sections)
     run_stage(STAGE, "--config", whole)
-    out = tmp_path / "killed" / "tokens"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / STAGE), "--config", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.rglob(f"{PARTS}/shard-*.json"))) < 20:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = len(list(out.rglob(f"{PARTS}/shard-*.json")))
-    assert 0 < done < total, f"the kill should land mid-stage, {done} shards were done"
-    assert not (out / MANIFEST).exists()
+    done = kill_mid_stage(STAGE, killed, tmp_path / "killed" / "tokens", after_shards=20, total=total)
     rerun = run_stage(STAGE, "--config", killed)
     assert f"{total - done} of {total} shards" in rerun.stdout  # only the missing shards are redone
     assert tree_bytes(tmp_path / "killed" / "tokens") == tree_bytes(tmp_path / "whole" / "tokens")
