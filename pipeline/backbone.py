@@ -73,12 +73,16 @@ def weights_dir(model: ModelConfig) -> Path:
 def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     """The frozen causal LM: safetensors weights only, eval mode, no gradients."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     device = torch.device(device)
     folder = weights_dir(model)
     if not list(folder.glob("*.safetensors")):
         raise InputError(f"model.backbone: {folder} has no .safetensors weights (pickled checkpoints are not loaded)")
     overrides = {"num_hidden_layers": model.num_layers} if model.num_layers else {}
+    verbosity = transformers_logging.get_verbosity()
+    if model.num_layers:  # the dropped layers' weights are reported as unexpected: that is the point
+        transformers_logging.set_verbosity_error()
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             folder, dtype=resolve_dtype(model, device), use_safetensors=True,
@@ -86,6 +90,8 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
         )
     except (OSError, ValueError) as e:
         raise InputError(f"model.backbone: cannot load {folder} ({str(e).splitlines()[0]})") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     lm.requires_grad_(False)
     return lm.eval().to(device)
 

@@ -125,6 +125,11 @@ class TrainConfig:
     zero_stage: int = _num(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     checkpoint_every: int = _num(200, gt=0, doc="optimizer steps")
+    keep_checkpoints: int = _num(2, gt=0)
+    max_steps: int = _num(0, ge=0, doc="0: one pass over the cached targets")
+    chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk")
+    num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
+    online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
     seed: int = _num(0, ge=0)
 
 

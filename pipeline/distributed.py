@@ -1,7 +1,10 @@
-"""Who am I: array-task index/count for sharded stages (from flags or SLURM's array variables)."""
+"""Who am I: array-task index/count for sharded stages, rank/world/device for training."""
 from __future__ import annotations
 
 import os
+import socket
+
+import torch
 
 from pipeline.errors import ConfigError
 
@@ -21,3 +24,29 @@ def resolve_task(index: int | None, count: int | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"--task-index: must be in [0, {count}) with --num-tasks {count}, got {index}")
     return index, count
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) after joining the process group: NCCL on GPUs, gloo on CPU.
+
+    Works under `deepspeed`, `torchrun` and `srun` (which set RANK/WORLD_SIZE/...), and as plain
+    `python` with one process (DeepSpeed would otherwise look for MPI).
+    """
+    import deepspeed
+
+    env = os.environ
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

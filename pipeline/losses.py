@@ -1,9 +1,13 @@
 """Distillation losses against sparse teacher targets, and the exact KL for an online teacher.
 
-All functions take one chunk of positions ([n, V] student logits); callers loop over chunks so
-that [batch, seq, vocab] float32 never exists at once.
+`kl_to_target` and `exact_kl` take one chunk of positions ([n, V] student logits).
+`chunked_kl_sum` runs them over a whole batch of hidden states chunk by chunk, computing each
+chunk's gradient on the spot, so [batch, seq, vocab] float32 logits never exist at once, in the
+forward or the backward pass.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -30,3 +34,34 @@ def exact_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> to
     """Full-vocabulary KL(p || q) per position: [n, V] x [n, V] -> [n]."""
     student = student_logits.float().log_softmax(-1)
     return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum_positions KL over [n, d] hidden states; the backward returns the gradients computed
+    chunk by chunk during the forward (the head is frozen: only the hidden states need one)."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, kl_of_chunk, chunk):
+        grads = torch.zeros_like(hidden) if hidden.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            piece = hidden[start:stop].detach().requires_grad_(grads is not None)
+            with torch.enable_grad():
+                kl = kl_of_chunk(head(piece), start, stop).sum()
+            if grads is not None:
+                grads[start:stop] = torch.autograd.grad(kl, piece)[0]
+            total += kl.detach()
+        ctx.save_for_backward(grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grads,) = ctx.saved_tensors
+        return grad_output * grads, None, None, None
+
+
+def chunked_kl_sum(hidden: torch.Tensor, head: torch.nn.Module,
+                   kl_of_chunk: Callable[[torch.Tensor, int, int], torch.Tensor], chunk: int) -> torch.Tensor:
+    """Sum over positions of `kl_of_chunk(student_logits[start:stop], start, stop)` for [n, d] hidden."""
+    return _ChunkedKL.apply(hidden, head, kl_of_chunk, chunk)

@@ -118,12 +118,14 @@ def claim_directory(stage_dir: Path, header: dict) -> None:
     path = Path(stage_dir) / PARTS / "header.json"
     if path.exists():
         earlier = json.loads(path.read_text())
-        for key in sorted(set(earlier) | set(header)):
-            if earlier.get(key) != header.get(key):
-                raise ShardError(
-                    f"{stage_dir} holds output written with {key}={earlier.get(key)!r}, this run has "
-                    f"{key}={header.get(key)!r}: use another run.dir or delete {stage_dir}"
-                )
+        # the specific fields first: "depths" says more than the config hash that covers it
+        keys = sorted(set(earlier) | set(header), key=lambda k: (k == "config_hash", k))
+        differ = [k for k in keys if earlier.get(k) != header.get(k)]
+        if differ:
+            was = ", ".join(f"{k}={earlier.get(k)!r}" for k in differ)
+            now = ", ".join(f"{k}={header.get(k)!r}" for k in differ)
+            raise ShardError(f"{stage_dir} holds output written with {was}; this run has {now}: "
+                             f"use another run.dir or delete {stage_dir}")
         return
     _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode())
 

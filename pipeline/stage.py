@@ -26,6 +26,8 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT)")
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     try:

@@ -35,6 +35,10 @@ class SparseTarget:
     weights: torch.Tensor  # [n, m] p(ids) for top-k; 1/n per draw for sampled
     rest: torch.Tensor | None  # [n] mass outside the ids (top-k only)
 
+    def rows(self, start: int, stop: int) -> "SparseTarget":
+        return SparseTarget(self.ids[start:stop], self.logprobs[start:stop], self.weights[start:stop],
+                            None if self.rest is None else self.rest[start:stop])
+
 
 # ---------------------------------------------------------------- bit packing
 
@@ -71,6 +75,18 @@ class TargetFormat:
         self.step = LOGPROB_RANGE / (2**cfg.logprob_bits - 1)
         prefix = "topk" if cfg.format == "topk" else "sample"
         self.ids_key, self.logprobs_key = f"{prefix}_ids.npy", f"{prefix}_logprobs.npy"
+
+    @classmethod
+    def from_description(cls, description: dict) -> "TargetFormat":
+        """The format a teacher manifest records; refuses one this code cannot decode exactly."""
+        kind, entries = description["format"], description["entries"]
+        cfg = TeacherConfig(format=kind, k=entries if kind == "topk" else 64,
+                            samples=entries if kind == "sampled" else 24, compact=description["compact"],
+                            logprob_bits=description["logprob_bits"] if description["compact"] else 12)
+        fmt = cls(cfg, description["vocab_size"])
+        if fmt.describe() != description:
+            raise ConfigError(f"target_format: {description} is not a format this version reads ({fmt.describe()})")
+        return fmt
 
     def describe(self) -> dict:
         """The parameters recorded in the manifest; a reader refuses shards whose format differs."""

@@ -109,7 +109,7 @@ def test_manifest_field_mismatch_names_field_and_values(tmp_path):
 def test_directory_claim_refuses_other_inputs(tmp_path):
     shards.claim_directory(tmp_path, {"stage": "tokenize", "tokenizer_fingerprint": "aaa"})
     shards.claim_directory(tmp_path, {"stage": "tokenize", "tokenizer_fingerprint": "aaa"})
-    with pytest.raises(ShardError, match="tokenizer_fingerprint='aaa', this run has tokenizer_fingerprint='bbb'"):
+    with pytest.raises(ShardError, match="tokenizer_fingerprint='aaa'; this run has tokenizer_fingerprint='bbb'"):
         shards.claim_directory(tmp_path, {"stage": "tokenize", "tokenizer_fingerprint": "bbb"})
 
 

@@ -1,0 +1,152 @@
+"""BalconyModel: a frozen decoder LM plus trainable exits at chosen depths.
+
+The exit at depth k reads the hidden state after layers[:k] and applies
+
+    one decoder layer (same class and config as the backbone's, initialised from the LAST layer)
+    -> its own RMSNorm (initialised from layers[k].input_layernorm, as the authors' code does)
+    -> the backbone's frozen, shared LM head.
+
+One pass through the backbone prefix serves every exit: the forward branches off at each depth
+and, when the full model's output is not needed, stops at the deepest exit.
+
+Supported: HF decoder-only LMs with the usual `model.embed_tokens / model.layers / model.norm /
+model.rotary_emb / lm_head` structure (Llama, Qwen2, Mistral, ...). Anything else is refused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError, InputError
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
+
+
+def check_supported(lm) -> None:
+    inner = getattr(lm, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(lm, "lm_head"):
+        raise InputError(
+            f"model.backbone: {type(lm).__name__} is not a supported decoder-only LM "
+            "(Balcony needs model.embed_tokens, model.layers, model.norm, model.rotary_emb and lm_head)"
+        )
+
+
+def check_depths(depths: list[int], num_layers: int) -> None:
+    if not depths:
+        raise ConfigError("exits.depths: at least one exit depth is needed")
+    for depth in depths:
+        if not 1 <= depth < num_layers:
+            raise ConfigError(f"exits.depths: {depth} is out of range: an exit depth must be in [1, {num_layers - 1}] "
+                              f"for a backbone of {num_layers} layers")
+
+
+class Exit(nn.Module):
+    def __init__(self, layer: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.layer, self.norm = layer, norm
+
+
+class BalconyModel(nn.Module):
+    def __init__(self, backbone, depths: list[int]):
+        super().__init__()
+        check_supported(backbone)
+        layers = backbone.model.layers
+        check_depths(depths, len(layers))
+        backbone.requires_grad_(False)
+        self.backbone, self.depths = backbone, sorted(depths)
+        self.exits = nn.ModuleDict({
+            str(k): Exit(copy.deepcopy(layers[-1]), copy.deepcopy(layers[k].input_layernorm)) for k in self.depths
+        })
+        self.exits.requires_grad_(True)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.model.layers)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.lm_head
+
+    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """One attention mask per layer, built as the backbone's own forward builds them."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = self.backbone.config
+        args = {"config": config, "inputs_embeds": hidden, "attention_mask": None, "cache": None,
+                "position_ids": position_ids}
+        full = create_causal_mask(**args)
+        if getattr(config, "sliding_window", None) is None:
+            return [full] * self.num_layers
+        sliding = create_sliding_window_causal_mask(**args)
+        types = getattr(config, "layer_types", None) or ["sliding_attention"] * self.num_layers
+        return [sliding if t == "sliding_attention" else full for t in types]
+
+    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Normed hidden states of every exit ({depth: [B, T, d]}), and the full model's final
+        normed hidden state when `full` (else the backbone stops at the deepest exit).
+
+        The frozen prefix runs without autograd; only the exits build a graph.
+        """
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        with torch.no_grad():
+            hidden = self.backbone.model.embed_tokens(input_ids)
+            rotary = self.backbone.model.rotary_emb(hidden, position_ids)
+            masks = self._masks(hidden, position_ids)
+        layer_args = {"position_ids": position_ids, "position_embeddings": rotary}
+        exits, final = {}, None
+        stop = self.num_layers if full else self.depths[-1]
+        for index, layer in enumerate(self.backbone.model.layers[:stop]):
+            with torch.no_grad():
+                hidden = layer(hidden, attention_mask=masks[index], **layer_args)
+            depth = index + 1
+            if str(depth) in self.exits:
+                exit_ = self.exits[str(depth)]
+                exits[depth] = exit_.norm(exit_.layer(hidden, attention_mask=masks[-1], **layer_args))
+        if full:
+            with torch.no_grad():
+                final = self.backbone.model.norm(hidden)
+        return exits, final
+
+    # ------------------------------------------------------------ export / import
+
+    def exit_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.{name}": p.detach().contiguous().cpu() for k, exit_ in self.exits.items()
+                for name, p in exit_.state_dict().items()}
+
+    def save_exits(self, folder: Path, backbone_fingerprint: str) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.exit_state_dict(), str(folder / WEIGHTS))
+        (folder / WEIGHTS).chmod(0o644)
+        meta = {"format_version": FORMAT_VERSION, "backbone_fingerprint": backbone_fingerprint,
+                "depths": self.depths, "num_layers": self.num_layers,
+                "exit_layer": type(self.backbone.model.layers[-1]).__name__}
+        (folder / CONFIG).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, backbone, exits_dir: Path, backbone_fingerprint: str | None = None) -> "BalconyModel":
+        """Backbone (a loaded HF model) + exported exits; refuses exits made for another backbone."""
+        from safetensors.torch import load_file
+
+        exits_dir = Path(exits_dir)
+        if not (exits_dir / CONFIG).exists():
+            raise InputError(f"{exits_dir / CONFIG} not found: run the train-exits stage first")
+        meta = json.loads((exits_dir / CONFIG).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{exits_dir / CONFIG}: format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if backbone_fingerprint is not None and meta["backbone_fingerprint"] != backbone_fingerprint:
+            raise InputError(f"{exits_dir / CONFIG}: backbone_fingerprint is {meta['backbone_fingerprint']!r}, "
+                             f"this backbone's is {backbone_fingerprint!r}")
+        model = cls(backbone, meta["depths"])
+        state = load_file(str(exits_dir / WEIGHTS))
+        missing, unexpected = model.exits.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"{exits_dir / WEIGHTS}: missing {missing[:3]}, unexpected {unexpected[:3]} exit weights")
+        return model

@@ -1,0 +1,207 @@
+"""train-exits: train the Balcony exits by self-distillation under DeepSpeed ZeRO.
+
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 stages/train_exits.py --config configs/demo.yaml
+    torchrun --nproc_per_node 2 stages/train_exits.py --config configs/demo.yaml
+    python stages/train_exits.py --config configs/demo.yaml            # one process
+
+Reads RUN/teacher/ (or RUN/tokens/ with train.online_teacher), writes RUN/exits/checkpoints/
+(resumable) and, at the end, RUN/exits/exits.safetensors + balcony_config.json.
+Loss: forward KL(teacher || exit), temperature 1, averaged over exits. Only exits are trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # deepspeed imports mlflow when present
+
+import torch
+import torch.distributed as dist
+
+from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
+from pipeline.balcony import CONFIG as EXITS_CONFIG
+from pipeline.balcony import BalconyModel
+from pipeline.config import Config, ConfigError
+from pipeline.distributed import init_distributed
+from pipeline.losses import chunked_kl_sum, exact_kl, kl_to_target
+from pipeline.shards import claim_directory, manifest_hash, read_manifest
+from pipeline.stage import run_stage
+from pipeline.targets import TargetFormat
+from pipeline.tracking import stage_run
+from pipeline.train_data import TrainBatches
+
+STAGE = "train-exits"
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    per_micro_step = cfg.data.seq_len * cfg.train.micro_batch_size * world
+    if cfg.train.tokens_per_step % per_micro_step:
+        raise ConfigError(
+            f"train.tokens_per_step: {cfg.train.tokens_per_step} is not a multiple of data.seq_len x "
+            f"train.micro_batch_size x ranks = {cfg.data.seq_len} x {cfg.train.micro_batch_size} x {world}")
+    return cfg.train.tokens_per_step // per_micro_step
+
+
+def deepspeed_config(cfg: Config, accumulation: int, bf16: bool) -> dict:
+    """The ZeRO settings from configs/deepspeed/zeroN.json; batch, precision and clipping from the recipe."""
+    ds = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.train.zero_stage}.json").read_text())
+    ds.update(train_micro_batch_size_per_gpu=cfg.train.micro_batch_size, gradient_accumulation_steps=accumulation,
+              gradient_clipping=cfg.train.grad_clip, bf16={"enabled": bf16})
+    return ds
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warmup, then cosine decay to min_lr_ratio (or constant)."""
+    warmup = math.ceil(cfg.train.warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.train.min_lr_ratio + (1 - cfg.train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_exits(cfg: Config, task: tuple[int, int]) -> None:
+    import deepspeed
+
+    rank, world, device = init_distributed()
+    out = cfg.run_dir / "exits"
+    online = cfg.train.online_teacher
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.train.seed)
+
+    # --- inputs: the backbone, and the shards it must have produced
+    lm = load_backbone(cfg.model, device)
+    fingerprint = backbone_fingerprint(cfg.model, lm)
+    if online:
+        source = cfg.run_dir / "tokens"
+        manifest = read_manifest(source, "tokenize", expect={
+            "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
+        fmt = None
+    else:
+        source = cfg.run_dir / "teacher"
+        manifest = read_manifest(source, "teacher", expect={"backbone_fingerprint": fingerprint,
+                                                             "seq_len": cfg.data.seq_len})
+        fmt = TargetFormat.from_description(manifest["target_format"])
+    model = BalconyModel(lm, cfg.exits.depths)
+    header = {"stage": STAGE, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
+              "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
+              "precision": "bf16" if bf16 else "fp32"}
+    if rank == 0:
+        claim_directory(out, header)  # refuses checkpoints of another exit configuration or input
+    dist.barrier()
+    if (out / EXITS_CONFIG).exists():
+        if rank == 0:
+            print(f"{STAGE}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
+        return
+
+    # --- data and schedule
+    accumulation = accumulation_steps(cfg, world)
+    batches = TrainBatches(source, manifest, () if online else (fmt.ids_key, fmt.logprobs_key),
+                           cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
+    total_steps = cfg.train.max_steps or batches.batches_in(0) // accumulation
+    if total_steps < 1:
+        raise ConfigError(f"train.tokens_per_step: one step needs {accumulation} micro-batches per rank, "
+                          f"the data gives {batches.batches_in(0)}; lower it or add data")
+
+    # --- engine: only exit parameters reach the optimizer
+    params = [p for p in model.exits.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=deepspeed_config(cfg, accumulation, bf16))
+    checkpoints = out / "checkpoints"
+    step = 0
+    if (checkpoints / "latest").exists():
+        _, state = engine.load_checkpoint(str(checkpoints), load_module_strict=False)
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"{STAGE}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
+
+    head, chunk = model.lm_head, cfg.train.chunk_size
+    stream = batches.stream(start=step * accumulation)
+    if rank == 0:
+        print(f"{STAGE}: {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}, exits {model.depths}, "
+              f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
+    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0) as tracker:
+        while step < total_steps:
+            started = time.perf_counter()
+            step_kl = torch.zeros(len(model.depths), device=device)
+            for _ in range(accumulation):
+                batch = {k: v.to(device) for k, v in next(stream).items()}
+                input_ids = batch.pop("input_ids.npy").long()
+                exits, final = engine(input_ids, full=online)
+                positions = input_ids.numel()
+                if online:
+                    teacher_hidden = final.reshape(positions, -1)
+
+                    def kl_of_chunk(logits, a, b):
+                        with torch.no_grad():
+                            teacher = head(teacher_hidden[a:b]).float().log_softmax(-1)
+                        return exact_kl(teacher, logits)
+                else:
+                    target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items()})
+
+                    def kl_of_chunk(logits, a, b):
+                        return kl_to_target(logits, target.rows(a, b))
+                kls = torch.stack([chunked_kl_sum(exits[d].reshape(positions, -1), head, kl_of_chunk, chunk) / positions
+                                   for d in model.depths])
+                engine.backward(kls.mean())
+                engine.step()
+                step_kl += kls.detach() / accumulation
+            dist.all_reduce(step_kl)
+            step_kl /= world
+            step += 1
+            seconds = time.perf_counter() - started
+            if rank == 0:
+                lr = scheduler.get_last_lr()[0]
+                per_exit = "  ".join(f"kl@{d} {v:.6f}" for d, v in zip(model.depths, step_kl.tolist()))
+                print(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s",
+                      flush=True)
+                tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_kl.tolist())},
+                                 "kl_mean": float(step_kl.mean()), "lr": lr,
+                                 "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
+        export(model, out, fingerprint, rank)
+        if rank == 0:
+            tracker.artifact(out / EXITS_CONFIG)
+            print(f"{STAGE}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
+
+
+def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> None:
+    """Exit weights, optimizer, scheduler and RNG; the data position is the step itself."""
+    engine.save_checkpoint(str(folder), tag=f"step{step:08d}", client_state={"step": step, "rng": torch.get_rng_state()},
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if rank == 0:  # DeepSpeed moves `latest` only after a complete save, so older tags are safe to prune
+        for old in sorted(folder.glob("step*"))[:-keep]:
+            shutil.rmtree(old)
+
+
+def export(model: BalconyModel, out: Path, fingerprint: str, rank: int) -> None:
+    """exits.safetensors + balcony_config.json (written last: its presence marks a finished export)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
+        if rank == 0:
+            staging = out / ".export"
+            model.save_exits(staging, fingerprint)
+            for name in ("exits.safetensors", EXITS_CONFIG):
+                os.replace(staging / name, out / name)
+            staging.rmdir()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    run_stage(__doc__.splitlines()[0], train_exits)

@@ -1,0 +1,143 @@
+"""train-exits under real DeepSpeed (2 processes, gloo) on a truncated real backbone (3 layers)."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.backbone import backbone_fingerprint, load_backbone
+from pipeline.balcony import BalconyModel
+from pipeline.config import load_config
+
+from conftest import ROOT, run_stage, small_config
+
+BIN = Path(sys.executable).parent
+SCRIPT = str(ROOT / "stages" / "train_exits.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEP = re.compile(r"^step (\d+)/(\d+)  (.*?)  lr", re.M)
+TINY = {
+    "model": {"num_layers": 3},
+    "exits": {"depths": [1, 2]},
+    "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
+    "train": {"tokens_per_step": 1024, "micro_batch_size": 4, "checkpoint_every": 2, "chunk_size": 256, "lr": 1e-3},
+}
+
+
+def _write(folder: Path, tracking_uri: str, run: str, **extra) -> Path:
+    cfg = small_config(folder / run, tracking_uri, **TINY)
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _clone_inputs(src: Path, dst: Path) -> None:
+    for stage in ("tokens", "teacher"):
+        shutil.copytree(src / stage, dst / stage)
+
+
+def deepspeed(config: Path, *overrides: str, launcher: str = "deepspeed", check: bool = True):
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", SCRIPT]
+    proc = subprocess.run([*cmd, "--config", str(config), *overrides], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{launcher} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(stdout: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(3) for m in STEP.finditer(stdout)}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tracking_uri, assets):
+    folder = tmp_path_factory.mktemp("train")
+    config = _write(folder, tracking_uri, "run")
+    run_stage("tokenize_corpus.py", "--config", config)
+    run_stage("teacher_logits.py", "--config", config)
+    return folder, config
+
+
+@pytest.fixture(scope="module")
+def zero2(prepared):
+    folder, config = prepared
+    return deepspeed(config)
+
+
+def test_zero2_two_processes_kl_falls_and_exports(prepared, zero2):
+    folder, config = prepared
+    steps = losses(zero2.stdout)
+    assert sorted(steps) == list(range(1, 9)) and "2 ranks, ZeRO-2, fp32" in zero2.stdout
+    first, last = ([float(v) for v in re.findall(r"kl@\d+ ([\d.]+)", steps[n])] for n in (1, 8))
+    assert all(b < a for a, b in zip(first, last)), (first, last)
+    cfg = load_config(config)
+    lm = load_backbone(cfg.model)
+    model = BalconyModel.from_pretrained(lm, folder / "run" / "exits", backbone_fingerprint(cfg.model, lm))
+    assert model.depths == [1, 2]
+    assert not torch.equal(model.exits["1"].layer.mlp.up_proj.weight, lm.model.layers[-1].mlp.up_proj.weight)
+    assert "nothing to do" in deepspeed(config).stdout
+
+
+def test_zero3_under_torchrun_gives_the_same_losses(prepared, zero2, tmp_path, tracking_uri):
+    folder, _ = prepared
+    config = _write(tmp_path, tracking_uri, "z3", train={"zero_stage": 3})
+    _clone_inputs(folder / "run", tmp_path / "z3")
+    proc = deepspeed(config, launcher="torchrun")
+    assert "2 ranks, ZeRO-3, fp32" in proc.stdout
+    ours, reference = losses(proc.stdout), losses(zero2.stdout)
+    for step in reference:
+        a = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", ours[step])]
+        b = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", reference[step])]
+        assert a == pytest.approx(b, rel=1e-4), step
+
+
+def test_sigkill_and_resume_gives_the_same_losses_and_weights(prepared, zero2, tmp_path, tracking_uri):
+    folder, _ = prepared
+    config = _write(tmp_path, tracking_uri, "killed")
+    _clone_inputs(folder / "run", tmp_path / "killed")
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT, "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if line.startswith("step 5/8"):
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a cluster would
+            break
+    proc.wait()
+    resumed = deepspeed(config)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    combined = {**losses(seen), **losses(resumed.stdout)}
+    assert combined == losses(zero2.stdout)
+    a = (tmp_path / "killed" / "exits" / "exits.safetensors").read_bytes()
+    assert a == (folder / "run" / "exits" / "exits.safetensors").read_bytes()
+
+
+def test_single_process_online_teacher(prepared, tmp_path, tracking_uri):
+    folder, _ = prepared
+    config = _write(tmp_path, tracking_uri, "online", train={"online_teacher": True, "max_steps": 2})
+    shutil.copytree(folder / "run" / "tokens", tmp_path / "online" / "tokens")  # no teacher cache at all
+    proc = run_stage("train_exits.py", "--config", config)
+    assert "1 ranks, ZeRO-2, fp32" in proc.stdout and sorted(losses(proc.stdout)) == [1, 2]
+    assert (tmp_path / "online" / "exits" / "exits.safetensors").exists()
+
+
+def test_refusals(prepared, zero2):
+    folder, config = prepared
+    proc = run_stage("train_exits.py", "--config", config, "model.num_layers=4", check=False)
+    assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # targets from another backbone
+    proc = run_stage("train_exits.py", "--config", config, "exits.depths=[1, 3]", check=False)
+    assert proc.returncode == 2 and "exits.depths: 3 is out of range" in proc.stderr
+    proc = run_stage("train_exits.py", "--config", config, "exits.depths=[2]", check=False)
+    assert proc.returncode == 2 and "depths=[1, 2]" in proc.stderr and "this run has depths=[2]" in proc.stderr
+    proc = run_stage("train_exits.py", "--config", config, "train.tokens_per_step=1000", check=False)
+    assert proc.returncode == 2 and "train.tokens_per_step: 1000 is not a multiple" in proc.stderr
