@@ -74,6 +74,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
     import deepspeed
 
     rank, world, device = init_distributed()
+    accumulation = accumulation_steps(cfg, world)  # a config error: before any work
     out = cfg.run_dir / "exits"
     online = cfg.train.online_teacher
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
@@ -105,7 +106,6 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
         return
 
     # --- data and schedule
-    accumulation = accumulation_steps(cfg, world)
     batches = TrainBatches(source, manifest, () if online else (fmt.ids_key, fmt.logprobs_key),
                            cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
     total_steps = cfg.train.max_steps or batches.batches_in(0) // accumulation
