@@ -23,16 +23,17 @@ QUIET_PIP  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits clean
+.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits stage-train-exits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, run the test suite"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
-	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize, teacher-logits)"
+	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize, teacher-logits, train-exits)"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
+	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=2] [ARGS='key=value ...']"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 
 setup: $(STAMP)
@@ -58,20 +59,28 @@ stage-tokenize: assets
 stage-teacher-logits: assets
 	$(PY) stages/teacher_logits.py --config $(CONFIG) $(ARGS)
 
+# One process per GPU; on a CPU-only machine NPROC processes over gloo, one thread each
+# (without OMP_NUM_THREADS=1 the ranks oversubscribe the cores and run many times slower).
+NPROC ?= 2
+stage-train-exits: assets
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) stages/train_exits.py --config $(CONFIG) $(ARGS)
+
 # Stages run in order: each reads what the previous one wrote.
 pipeline:
 	$(MAKE) --no-print-directory stage-tokenize CONFIG=$(CONFIG) ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stage-teacher-logits CONFIG=$(CONFIG) ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory stage-train-exits CONFIG=$(CONFIG) ARGS="$(ARGS)"
 
 demo: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml
-	@echo "demo: outputs under runs/demo/ (tokens/, teacher/, each with manifest.json); MLflow store runs/demo/mlflow.db"
+	@echo "demo: outputs under runs/demo/ (tokens/, teacher/, exits/); MLflow store runs/demo/mlflow.db"
 
 test: assets
 	$(PY) -m pytest tests
 
 bench: assets
 	$(PY) bench/teacher_bench.py
+	$(PY) bench/train_bench.py
 
 clean:
 	rm -rf runs/ .pytest_cache

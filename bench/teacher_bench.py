@@ -9,10 +9,6 @@ randomly initialised model in bf16 (batch 8 x 2048), the setting of ../shared/no
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
@@ -22,30 +18,7 @@ from pipeline.shards import TOKENS_KEY, encode_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import FidelityMeter, Teacher
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def corpus_batch(tokenizer, batch: int, seq: int) -> torch.Tensor:
-    """Real text: documents taken in turn from each collection, joined by EOS, cut to [batch, seq]."""
-    files = [path.open() for path in sorted((ROOT / "assets" / "corpus").glob("*.jsonl"))]
-    ids: list[int] = []
-    while len(ids) < batch * seq:
-        for f in files:
-            ids += tokenizer(json.loads(f.readline())["text"])["input_ids"] + [tokenizer.eos_token_id]
-    return torch.tensor(ids[: batch * seq]).view(batch, seq)
-
-
-def compare(baseline, candidate, repeats: int) -> tuple[float, float]:
-    """Median wall times of two callables, run alternately after a warm-up of each, so that
-    drift in the machine's speed hits both alike."""
-    baseline(), candidate()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((baseline, times[0]), (candidate, times[1])):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+from common import BACKBONE, compare, corpus_batch
 
 
 def throughput(lm, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
@@ -124,7 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=1024)
     args = parser.parse_args()
-    model = ModelConfig(backbone=str(ROOT / "assets" / "smollm2-135m-instruct"))
+    model = ModelConfig(backbone=str(BACKBONE))
     lm, tokenizer = load_backbone(model), load_tokenizer(model)
     ids = corpus_batch(tokenizer, args.batch, args.seq)
     speed = throughput(lm, ids, args.repeats, args.chunk)

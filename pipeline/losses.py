@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.targets import SparseTarget
+from pipeline.targets import SparseTarget, TargetFormat
 
 
 def kl_to_target(student_logits: torch.Tensor, target: SparseTarget) -> torch.Tensor:
@@ -65,3 +65,31 @@ def chunked_kl_sum(hidden: torch.Tensor, head: torch.nn.Module,
                    kl_of_chunk: Callable[[torch.Tensor, int, int], torch.Tensor], chunk: int) -> torch.Tensor:
     """Sum over positions of `kl_of_chunk(student_logits[start:stop], start, stop)` for [n, d] hidden."""
     return _ChunkedKL.apply(hidden, head, kl_of_chunk, chunk)
+
+
+def exit_kls(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
+             fmt: TargetFormat | None, chunk: int) -> torch.Tensor:
+    """Per-exit mean KL(teacher || exit) over one micro-batch: [len(depths)], differentiable.
+
+    `forward(input_ids, full=...)` is a BalconyModel (or the DeepSpeed engine around one). With a
+    target format the teacher is the cached targets in `batch`; with None it is the backbone's own
+    full forward in the same pass (online teacher, exact full-vocabulary KL).
+    """
+    input_ids = batch["input_ids.npy"].long()
+    positions = input_ids.numel()
+    exits, final = forward(input_ids, full=fmt is None)
+    if fmt is None:
+        teacher_hidden = final.reshape(positions, -1)
+
+        def kl_of_chunk(logits, start, stop):
+            with torch.no_grad():
+                teacher = head(teacher_hidden[start:stop]).float().log_softmax(-1)
+            return exact_kl(teacher, logits)
+    else:
+        target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items() if k in (fmt.ids_key, fmt.logprobs_key)})
+
+        def kl_of_chunk(logits, start, stop):
+            return kl_to_target(logits, target.rows(start, stop))
+
+    return torch.stack([chunked_kl_sum(exits[d].reshape(positions, -1), head, kl_of_chunk, chunk) / positions
+                        for d in depths])

@@ -27,7 +27,7 @@ from pipeline.balcony import CONFIG as EXITS_CONFIG
 from pipeline.balcony import BalconyModel
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import init_distributed
-from pipeline.losses import chunked_kl_sum, exact_kl, kl_to_target
+from pipeline.losses import exit_kls
 from pipeline.shards import claim_directory, manifest_hash, read_manifest
 from pipeline.stage import run_stage
 from pipeline.targets import TargetFormat
@@ -128,7 +128,6 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
         if rank == 0:
             print(f"{STAGE}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
 
-    head, chunk = model.lm_head, cfg.train.chunk_size
     stream = batches.stream(start=step * accumulation)
     if rank == 0:
         print(f"{STAGE}: {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}, exits {model.depths}, "
@@ -139,23 +138,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
             step_kl = torch.zeros(len(model.depths), device=device)
             for _ in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                input_ids = batch.pop("input_ids.npy").long()
-                exits, final = engine(input_ids, full=online)
-                positions = input_ids.numel()
-                if online:
-                    teacher_hidden = final.reshape(positions, -1)
-
-                    def kl_of_chunk(logits, a, b):
-                        with torch.no_grad():
-                            teacher = head(teacher_hidden[a:b]).float().log_softmax(-1)
-                        return exact_kl(teacher, logits)
-                else:
-                    target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items()})
-
-                    def kl_of_chunk(logits, a, b):
-                        return kl_to_target(logits, target.rows(a, b))
-                kls = torch.stack([chunked_kl_sum(exits[d].reshape(positions, -1), head, kl_of_chunk, chunk) / positions
-                                   for d in model.depths])
+                kls = exit_kls(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size)
                 engine.backward(kls.mean())
                 engine.step()
                 step_kl += kls.detach() / accumulation
