@@ -64,6 +64,10 @@ class BalconyModel(nn.Module):
             str(k): Exit(copy.deepcopy(layers[-1]), copy.deepcopy(layers[k].input_layernorm)) for k in self.depths
         })
         self.exits.requires_grad_(True)
+        for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
+            for module in exit_.layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = int(k)
 
     @property
     def num_layers(self) -> int:
@@ -112,6 +116,52 @@ class BalconyModel(nn.Module):
             with torch.no_grad():
                 final = self.backbone.model.norm(hidden)
         return exits, final
+
+    # ------------------------------------------------------------ inference
+
+    def choose_exit(self, budget: float) -> int | None:
+        """The deepest exit whose cost (k+1)/L fits `budget` in (0, 1]; None (the full model) at 1."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if budget >= 1:
+            return None
+        fitting = [k for k in self.depths if (k + 1) / self.num_layers <= budget]
+        if not fitting:
+            cheapest = (self.depths[0] + 1) / self.num_layers
+            raise ValueError(f"budget {budget} is below the cheapest exit's cost {cheapest:.3f} (exit {self.depths[0]})")
+        return fitting[-1]
+
+    def view(self, depth: int | None):
+        """An HF causal LM that runs layers[:depth] + the exit at `depth`, sharing every weight.
+
+        HF's own generate() then gives KV caching, sampling and padding for free; `None` is the
+        backbone itself, so the full model is exactly HF's output.
+        """
+        if depth is None:
+            return self.backbone
+        if str(depth) not in self.exits:
+            raise ValueError(f"no exit at depth {depth}; exits: {self.depths}")
+        exit_ = self.exits[str(depth)]
+        config = copy.deepcopy(self.backbone.config)
+        config.num_hidden_layers = depth + 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:depth] + [config.layer_types[-1]]
+        inner = copy.copy(self.backbone.model)
+        inner._modules = dict(inner._modules)
+        inner.layers = nn.ModuleList([*self.backbone.model.layers[:depth], exit_.layer])
+        inner.norm, inner.config = exit_.norm, config
+        outer = copy.copy(self.backbone)
+        outer._modules = dict(outer._modules)
+        outer.model, outer.config = inner, config
+        return outer
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, exit: int | None = None, budget: float | None = None, **kwargs):
+        """HF generate() at one exit (`exit=k`), or at the deepest exit a compute `budget` allows."""
+        if exit is not None and budget is not None:
+            raise ValueError("give exit or budget, not both")
+        depth = self.choose_exit(budget) if budget is not None else exit
+        return self.view(depth).generate(input_ids, **kwargs)
 
     # ------------------------------------------------------------ export / import
 

@@ -1,0 +1,70 @@
+"""Dynamic-depth inference: generate at an exit or a budget, through HF's own generate()."""
+import pytest
+import torch
+
+from pipeline.backbone import load_backbone, load_tokenizer
+from pipeline.balcony import BalconyModel
+from pipeline.config import ModelConfig
+
+from conftest import BACKBONE
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
+    model = BalconyModel(lm, [2, 4])
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the exits away from their initial copies, as training would
+        for p in model.exits.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt(assets):
+    tok = load_tokenizer(ModelConfig(backbone=str(BACKBONE)))
+    return tok("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
+
+
+def test_full_model_is_exactly_hf_generate(model, prompt):
+    ours = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, model.backbone.generate(prompt, max_new_tokens=12, do_sample=False))
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, budget=1.0, max_new_tokens=12, do_sample=True, top_k=50)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.backbone.generate(prompt, max_new_tokens=12, do_sample=True, top_k=50))
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_cached_decoding_equals_uncached_and_manual_forward(model, prompt, depth):
+    cached = model.generate(prompt, exit=depth, max_new_tokens=10, do_sample=False)
+    uncached = model.generate(prompt, exit=depth, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # the same tokens by hand: argmax of the exit's logits from BalconyModel's own forward
+    ids = prompt
+    for _ in range(10):
+        exits, _ = model(ids)
+        ids = torch.cat([ids, model.lm_head(exits[depth][:, -1]).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, cached)
+
+
+def test_budget_picks_the_deepest_exit_that_fits(model):
+    # 6 layers: exit 2 costs 3/6, exit 4 costs 5/6
+    assert model.choose_exit(0.5) == 2 and model.choose_exit(0.8) == 2 and model.choose_exit(0.84) == 4
+    assert model.choose_exit(1.0) is None
+    with pytest.raises(ValueError, match="below the cheapest exit's cost 0.500"):
+        model.choose_exit(0.4)
+    with pytest.raises(ValueError, match="no exit at depth 3"):
+        model.generate(torch.tensor([[1, 2]]), exit=3)
+
+
+def test_padded_batch_matches_single_sequences(model, prompt):
+    short = prompt[:, 3:]
+    pad = model.backbone.config.pad_token_id or 0
+    batch = torch.cat([prompt, torch.cat([torch.full((1, 3), pad), short], dim=1)])
+    mask = torch.cat([torch.ones_like(prompt), torch.cat([torch.zeros(1, 3, dtype=torch.long),
+                                                           torch.ones_like(short)], dim=1)])
+    out = model.generate(batch, attention_mask=mask, exit=4, max_new_tokens=8, do_sample=False)
+    alone = model.generate(short, exit=4, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out[1, -8:], alone[0, -8:])
+    assert torch.equal(out[0], model.generate(prompt, exit=4, max_new_tokens=8, do_sample=False)[0])
