@@ -23,17 +23,18 @@ QUIET_PIP  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits stage-train-exits clean
+.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, run the test suite"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
-	@echo "make pipeline CONFIG=... - every stage in order (today: tokenize, teacher-logits, train-exits)"
+	@echo "make pipeline CONFIG=... - all four stages in order"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=2] [ARGS='key=value ...']"
+	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 
 setup: $(STAMP)
@@ -65,15 +66,20 @@ NPROC ?= 2
 stage-train-exits: assets
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) stages/train_exits.py --config $(CONFIG) $(ARGS)
 
+stage-evaluate: assets
+	$(PY) stages/evaluate_exits.py --config $(CONFIG) $(ARGS)
+
 # Stages run in order: each reads what the previous one wrote.
 pipeline:
 	$(MAKE) --no-print-directory stage-tokenize CONFIG=$(CONFIG) ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stage-teacher-logits CONFIG=$(CONFIG) ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory stage-train-exits CONFIG=$(CONFIG) ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory stage-evaluate CONFIG=$(CONFIG) ARGS="$(ARGS)"
 
 demo: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml
-	@echo "demo: outputs under runs/demo/ (tokens/, teacher/, exits/); MLflow store runs/demo/mlflow.db"
+	@echo "demo: table runs/demo/eval/table.md, plot runs/demo/eval/plot.png, metrics runs/demo/eval/metrics.json"
+	@echo "demo: MLflow store runs/demo/mlflow.db (browse: .venv/bin/mlflow ui --backend-store-uri sqlite:///$$PWD/runs/demo/mlflow.db --host 127.0.0.1)"
 
 test: assets
 	$(PY) -m pytest tests

@@ -24,6 +24,7 @@ setup(
         "safetensors>=0.4,<1",
         "accelerate>=1.0,<2",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3"],

@@ -20,7 +20,7 @@ import torch
 from pipeline.backbone import load_backbone, load_tokenizer
 from pipeline.balcony import BalconyModel
 from pipeline.config import ModelConfig, TeacherConfig, load_config
-from pipeline.losses import exit_kls
+from pipeline.losses import exit_losses
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
@@ -45,7 +45,7 @@ def measure(mode: str, batch: int, seq: int, repeats: int) -> dict:
     optimizer = torch.optim.AdamW(model.exits.parameters(), lr=1e-4)
 
     def step():
-        kls = exit_kls(model, model.lm_head, model.depths, inputs, fmt, demo.train.chunk_size)
+        kls = exit_losses(model, model.lm_head, model.depths, inputs, fmt, demo.train.chunk_size)
         kls.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

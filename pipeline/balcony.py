@@ -91,9 +91,11 @@ class BalconyModel(nn.Module):
         types = getattr(config, "layer_types", None) or ["sliding_attention"] * self.num_layers
         return [sliding if t == "sliding_attention" else full for t in types]
 
-    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, full: bool = False,
+                taps: dict | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Normed hidden states of every exit ({depth: [B, T, d]}), and the full model's final
-        normed hidden state when `full` (else the backbone stops at the deepest exit).
+        normed hidden state when `full` (else the backbone stops at the deepest exit). `taps`, if
+        given, receives the backbone's own hidden state at each exit depth (for the logit lens).
 
         The frozen prefix runs without autograd; only the exits build a graph.
         """
@@ -110,6 +112,8 @@ class BalconyModel(nn.Module):
                 hidden = layer(hidden, attention_mask=masks[index], **layer_args)
             depth = index + 1
             if str(depth) in self.exits:
+                if taps is not None:
+                    taps[depth] = hidden
                 exit_ = self.exits[str(depth)]
                 exits[depth] = exit_.norm(exit_.layer(hidden, attention_mask=masks[-1], **layer_args))
         if full:

@@ -130,7 +130,20 @@ class TrainConfig:
     chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk")
     num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
     online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
+    objective: Literal["kl", "ce"] = "kl"  # ce: next-token cross-entropy (the EE-Tuning baseline)
     seed: int = _num(0, ge=0)
+
+
+@dataclass
+class EvalConfig:
+    max_sequences: int = _num(0, ge=0, doc="held-out sequences to score; 0: all")
+    batch_size: int = _num(4, gt=0)
+    chunk_size: int = _num(1024, gt=0)
+    baseline_exits: str = ""  # exits trained with train.objective=ce, shown beside the Balcony exits
+    prompt_tokens: int = _num(32, gt=0, doc="decode latency: prompt length")
+    new_tokens: int = _num(32, ge=2, doc="decode latency: tokens generated")
+    latency_batches: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = _num(3, gt=0)
 
 
 @dataclass
@@ -141,6 +154,7 @@ class Config:
     exits: ExitsConfig = field(default_factory=ExitsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -67,29 +67,38 @@ def chunked_kl_sum(hidden: torch.Tensor, head: torch.nn.Module,
     return _ChunkedKL.apply(hidden, head, kl_of_chunk, chunk)
 
 
-def exit_kls(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
-             fmt: TargetFormat | None, chunk: int) -> torch.Tensor:
-    """Per-exit mean KL(teacher || exit) over one micro-batch: [len(depths)], differentiable.
+def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
+                fmt: TargetFormat | None, chunk: int, objective: str = "kl") -> torch.Tensor:
+    """Per-exit mean loss over one micro-batch: [len(depths)], differentiable.
 
-    `forward(input_ids, full=...)` is a BalconyModel (or the DeepSpeed engine around one). With a
-    target format the teacher is the cached targets in `batch`; with None it is the backbone's own
-    full forward in the same pass (online teacher, exact full-vocabulary KL).
+    `forward(input_ids, full=...)` is a BalconyModel (or the DeepSpeed engine around one).
+    objective "kl": KL(teacher || exit), the teacher being the cached targets in `batch` (`fmt`),
+    or with `fmt=None` the backbone's own full forward in the same pass (exact full-vocabulary KL).
+    objective "ce": next-token cross-entropy on the tokens themselves (the EE-Tuning baseline).
     """
     input_ids = batch["input_ids.npy"].long()
     positions = input_ids.numel()
-    exits, final = forward(input_ids, full=fmt is None)
-    if fmt is None:
+    online = objective == "kl" and fmt is None
+    exits, final = forward(input_ids, full=online)
+    if objective == "ce":
+        # position t predicts token t+1; the last position of each sequence has nothing to predict
+        labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
+
+        def loss_of_chunk(logits, start, stop):
+            return torch.nn.functional.cross_entropy(logits.float(), labels[start:stop], reduction="none")
+        positions = int((labels != -100).sum())
+    elif online:
         teacher_hidden = final.reshape(positions, -1)
 
-        def kl_of_chunk(logits, start, stop):
+        def loss_of_chunk(logits, start, stop):
             with torch.no_grad():
                 teacher = head(teacher_hidden[start:stop]).float().log_softmax(-1)
             return exact_kl(teacher, logits)
     else:
         target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items() if k in (fmt.ids_key, fmt.logprobs_key)})
 
-        def kl_of_chunk(logits, start, stop):
+        def loss_of_chunk(logits, start, stop):
             return kl_to_target(logits, target.rows(start, stop))
 
-    return torch.stack([chunked_kl_sum(exits[d].reshape(positions, -1), head, kl_of_chunk, chunk) / positions
+    return torch.stack([chunked_kl_sum(exits[d].reshape(input_ids.numel(), -1), head, loss_of_chunk, chunk) / positions
                         for d in depths])

@@ -6,7 +6,8 @@
 
 Reads RUN/teacher/ (or RUN/tokens/ with train.online_teacher), writes RUN/exits/checkpoints/
 (resumable) and, at the end, RUN/exits/exits.safetensors + balcony_config.json.
-Loss: forward KL(teacher || exit), temperature 1, averaged over exits. Only exits are trained.
+Loss: forward KL(teacher || exit), temperature 1, averaged over exits (or, with train.objective=ce,
+next-token cross-entropy: the EE-Tuning baseline). Only exits are trained.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pipeline.balcony import CONFIG as EXITS_CONFIG
 from pipeline.balcony import BalconyModel
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import init_distributed
-from pipeline.losses import exit_kls
+from pipeline.losses import exit_losses
 from pipeline.shards import claim_directory, manifest_hash, read_manifest
 from pipeline.stage import run_stage
 from pipeline.targets import TargetFormat
@@ -76,7 +77,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
     rank, world, device = init_distributed()
     accumulation = accumulation_steps(cfg, world)  # a config error: before any work
     out = cfg.run_dir / "exits"
-    online = cfg.train.online_teacher
+    online = cfg.train.online_teacher or cfg.train.objective == "ce"  # neither needs cached targets
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.train.seed)
 
@@ -87,7 +88,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
         source = cfg.run_dir / "tokens"
         manifest = read_manifest(source, "tokenize", expect={
             "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
-        fmt = None
+        fmt = None  # exit_losses: no format = the online teacher (kl) or the tokens themselves (ce)
     else:
         source = cfg.run_dir / "teacher"
         manifest = read_manifest(source, "teacher", expect={"backbone_fingerprint": fingerprint,
@@ -138,7 +139,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
             step_kl = torch.zeros(len(model.depths), device=device)
             for _ in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                kls = exit_kls(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size)
+                kls = exit_losses(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size, cfg.train.objective)
                 engine.backward(kls.mean())
                 engine.step()
                 step_kl += kls.detach() / accumulation

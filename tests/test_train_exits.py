@@ -1,4 +1,5 @@
 """train-exits under real DeepSpeed (2 processes, gloo) on a truncated real backbone (3 layers)."""
+import json
 import os
 import re
 import shutil
@@ -141,3 +142,21 @@ def test_refusals(prepared, zero2):
     assert proc.returncode == 2 and "depths=[1, 2]" in proc.stderr and "this run has depths=[2]" in proc.stderr
     proc = run_stage("train_exits.py", "--config", config, "train.tokens_per_step=1000", check=False)
     assert proc.returncode == 2 and "train.tokens_per_step: 1000 is not a multiple" in proc.stderr
+
+
+def test_evaluate_stage_writes_metrics_table_and_plot(prepared, zero2):
+    folder, config = prepared
+    overrides = ["eval.latency_batches=[1, 2]", "eval.new_tokens=4", "eval.repeats=1", "eval.max_sequences=4"]
+    run_stage("evaluate_exits.py", "--config", config, *overrides)
+    out = folder / "run" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [row["name"] for row in metrics["rows"]]
+    assert names == ["full", "exit@1", "exit@2", "lens@1", "lens@2"] and metrics["heldout_tokens"] == 4 * 128
+    exit1 = metrics["rows"][1]
+    assert exit1["relative_cost"] == pytest.approx(2 / 3) and set(exit1["speedup"]) == {"1", "2"}
+    assert exit1["ideal_speedup"] == pytest.approx(1.5) and exit1["kl_to_full"] > 0
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| exit@1 |" in (out / "table.md").read_text()
+    assert "nothing to do" in run_stage("evaluate_exits.py", "--config", config, *overrides).stdout
+    proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
+    assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone

@@ -1,0 +1,136 @@
+"""Quality and speed of every exit against the full model, and of the baselines at the same depths.
+
+Variants scored on held-out sequences, all from one backbone pass per batch:
+- `full`: the backbone itself (cost 1);
+- `exit@k`: the Balcony exits (layers[:k] + exit layer + exit norm + head; cost (k+1)/L);
+- `lens@k`: the logit lens (the backbone's final norm + head on the hidden state after k layers;
+  cost k/L): what the exit layer buys over no exit layer at all;
+- `ce@k`: exits trained on next-token cross-entropy instead of KL (EE-Tuning), when configured.
+
+Metrics per variant: perplexity on the next token, KL(full || variant) per token over the full
+vocabulary, and top-1 agreement with the full model; all computed chunk by chunk.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.balcony import BalconyModel
+from pipeline.losses import exact_kl
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # full | balcony | logit_lens | ce_exit
+    depth: int
+    cost: float
+    sums: dict[str, float] = field(default_factory=lambda: {"nll": 0.0, "kl": 0.0, "agree": 0.0})
+    counts: dict[str, int] = field(default_factory=lambda: {"nll": 0, "kl": 0})
+
+    def metrics(self) -> dict[str, float]:
+        return {"perplexity": float(torch.tensor(self.sums["nll"] / self.counts["nll"]).exp()),
+                "kl_to_full": self.sums["kl"] / self.counts["kl"],
+                "top1_agreement": self.sums["agree"] / self.counts["kl"]}
+
+
+def variants_of(model: BalconyModel, baseline: BalconyModel | None) -> list[Variant]:
+    layers = model.num_layers
+    out = [Variant("full", "full", layers, 1.0)]
+    out += [Variant(f"exit@{k}", "balcony", k, (k + 1) / layers) for k in model.depths]
+    out += [Variant(f"lens@{k}", "logit_lens", k, k / layers) for k in model.depths]
+    if baseline is not None:
+        out += [Variant(f"ce@{k}", "ce_exit", k, (k + 1) / layers) for k in baseline.depths]
+    return out
+
+
+@torch.no_grad()
+def score_batch(model: BalconyModel, baseline: BalconyModel | None, variants: list[Variant],
+                input_ids: torch.Tensor, chunk: int) -> None:
+    """Add one batch [B, T] to every variant's sums."""
+    taps: dict[int, torch.Tensor] = {}
+    exits, final = model(input_ids, full=True, taps=taps)
+    ce_exits = baseline(input_ids)[0] if baseline is not None else {}
+    n = input_ids.numel()
+    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
+    norm, head = model.backbone.model.norm, model.lm_head
+    hidden = {"full": final}
+    hidden.update({f"exit@{k}": h for k, h in exits.items()})
+    hidden.update({f"lens@{k}": norm(h) for k, h in taps.items()})
+    hidden.update({f"ce@{k}": h for k, h in ce_exits.items()})
+    flat = {name: h.reshape(n, -1) for name, h in hidden.items()}
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        full_logprobs = head(flat["full"][start:stop]).float().log_softmax(-1)
+        full_top1 = full_logprobs.argmax(-1)
+        chunk_labels = labels[start:stop]
+        known = chunk_labels != -100
+        for variant in variants:
+            logits = head(flat[variant.name][start:stop]).float()
+            logprobs = logits.log_softmax(-1)
+            nll = -logprobs[known].gather(-1, chunk_labels[known].unsqueeze(-1))
+            variant.sums["nll"] += float(nll.sum())
+            variant.counts["nll"] += int(known.sum())
+            variant.sums["kl"] += float(exact_kl(full_logprobs, logits).sum())
+            variant.sums["agree"] += float((logprobs.argmax(-1) == full_top1).sum())
+            variant.counts["kl"] += stop - start
+
+
+def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor, new_tokens: int,
+                   repeats: int) -> float:
+    """Seconds per generated token after the prompt: (t(N) - t(1)) / (N - 1), medians, warm-up excluded."""
+    def run(tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), exit=depth, max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False, pad_token_id=model.backbone.config.eos_token_id)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(new_tokens)  # warm-up: allocations, kernels
+    full = statistics.median(run(new_tokens) for _ in range(repeats))
+    first = statistics.median(run(1) for _ in range(repeats))
+    return max(full - first, 1e-9) / (new_tokens - 1)
+
+
+def markdown_table(rows: list[dict], batches: list[int]) -> str:
+    head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement"]
+    head += [f"speedup b={b}" for b in batches] + ["ideal speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        speed = [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
+        ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
+        lines.append(f"| {row['name']} | {row['relative_cost']:.3f} | {row['perplexity']:.2f} | {row['kl_to_full']:.4f} "
+                     f"| {row['top1_agreement']:.3f} | " + " | ".join(speed) + f" | {ideal} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"balcony": ("Balcony exits", "o-", "tab:blue"), "logit_lens": ("logit lens", "s--", "tab:gray"),
+              "ce_exit": ("CE-trained exits", "^-.", "tab:orange"), "full": ("full model", "*", "tab:red")}
+    for kind, (label, style, color) in styles.items():
+        chosen = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["relative_cost"])
+        if not chosen:
+            continue
+        x = [r["relative_cost"] for r in chosen]
+        kl_ax.plot(x, [max(r["kl_to_full"], 1e-4) for r in chosen], style, color=color, label=label, markersize=9)
+        ppl_ax.plot(x, [r["perplexity"] for r in chosen], style, color=color, label=label, markersize=9)
+    kl_ax.set(xlabel="relative cost (layers run / L)", ylabel="KL(full || variant), nats/token", yscale="log",
+              title="distance to the full model")
+    ppl_ax.set(xlabel="relative cost (layers run / L)", ylabel="held-out perplexity", yscale="log",
+               title="perplexity")
+    for ax in (kl_ax, ppl_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
