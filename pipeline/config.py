@@ -144,6 +144,7 @@ class EvalConfig:
     new_tokens: int = _num(32, ge=2, doc="decode latency: tokens generated")
     latency_batches: list[int] = field(default_factory=lambda: [1, 8])
     repeats: int = _num(3, gt=0)
+    draft_tokens: int = _num(4, gt=0, doc="self-speculative decoding: tokens an exit drafts per round")
 
 
 @dataclass

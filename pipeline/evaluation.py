@@ -96,15 +96,43 @@ def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor,
     return max(full - first, 1e-9) / (new_tokens - 1)
 
 
+def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
+                        repeats: int) -> dict[str, float]:
+    """Self-speculative greedy decoding with exit `depth` vs plain greedy full-depth decoding."""
+    from pipeline.speculative import speculative_generate
+
+    eos = model.backbone.config.eos_token_id
+    stats = {}
+
+    def speculative():
+        stats["last"] = speculative_generate(model, prompt, depth, new_tokens, draft_tokens, eos)[1]
+
+    def greedy():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=eos)
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    speculative(), greedy()  # warm-up
+    spec = statistics.median(seconds(speculative) for _ in range(repeats))
+    full = statistics.median(seconds(greedy) for _ in range(repeats))
+    return {"acceptance_rate": stats["last"].acceptance_rate, "speedup": full / spec, "draft_tokens": draft_tokens}
+
+
 def markdown_table(rows: list[dict], batches: list[int]) -> str:
     head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement"]
-    head += [f"speedup b={b}" for b in batches] + ["ideal speedup"]
+    head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         speed = [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
         ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
+        spec = row.get("speculative")
+        spec = f"{spec['acceptance_rate']:.2f}, {spec['speedup']:.2f}x" if spec else "-"
         lines.append(f"| {row['name']} | {row['relative_cost']:.3f} | {row['perplexity']:.2f} | {row['kl_to_full']:.4f} "
-                     f"| {row['top1_agreement']:.3f} | " + " | ".join(speed) + f" | {ideal} |")
+                     f"| {row['top1_agreement']:.3f} | " + " | ".join(speed) + f" | {ideal} | {spec} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import WEIGHTS, BalconyModel
 from pipeline.config import Config
-from pipeline.evaluation import decode_latency, markdown_table, plot, score_batch, variants_of
+from pipeline.evaluation import decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
 from pipeline.shards import TOKENS_KEY, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.stage import run_stage
 from pipeline.tracking import stage_run
@@ -69,12 +69,18 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
             print(f"{STAGE}: decode latency at batch {batch_size}: " + ", ".join(
                 f"{'full' if d is None else f'exit@{d}'} {latency[(batch_size, d)] * 1e3:.1f} ms/token"
                 for d in [None, *model.depths]))
+        prompt = sequences[:1, : cfg.eval.prompt_tokens].to(device)
         for row in rows:
             depth = None if row["kind"] == "full" else row["depth"]
             if row["kind"] in ("full", "balcony"):
                 row["latency_ms"] = {str(b): latency[(b, depth)] * 1e3 for b in cfg.eval.latency_batches}
                 row["speedup"] = {str(b): latency[(b, None)] / latency[(b, depth)] for b in cfg.eval.latency_batches}
                 row["ideal_speedup"] = 1 / row["relative_cost"]
+            if row["kind"] == "balcony":
+                row["speculative"] = speculative_speedup(model, depth, prompt, cfg.eval.new_tokens,
+                                                         cfg.eval.draft_tokens, cfg.eval.repeats)
+                print(f"{STAGE}: self-speculative with exit@{depth}: acceptance {row['speculative']['acceptance_rate']:.2f}, "
+                      f"speedup {row['speculative']['speedup']:.2f}x over greedy full-depth decoding")
         metrics = {"format_version": FORMAT_VERSION, **header, "num_layers": model.num_layers,
                    "depths": model.depths, "heldout_sequences": len(sequences), "heldout_tokens": sequences.numel(),
                    "device": device.type, "rows": rows}
@@ -104,6 +110,9 @@ def mlflow_metrics(rows: list[dict], depths: list[int], baseline_depths: list[in
         for batch, value in row.get("speedup", {}).items():
             out[f"{prefix}_speedup_b{batch}"] = value
             out[f"{prefix}_latency_ms_b{batch}"] = row["latency_ms"][batch]
+        if "speculative" in row:
+            out[f"{prefix}_spec_acceptance"] = row["speculative"]["acceptance_rate"]
+            out[f"{prefix}_spec_speedup"] = row["speculative"]["speedup"]
     return out
 
 

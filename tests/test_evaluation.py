@@ -1,5 +1,4 @@
 """Evaluation metrics against a hand computation on a tiny random model, and the stage end to end."""
-import json
 import math
 
 import pytest

@@ -68,3 +68,42 @@ def test_padded_batch_matches_single_sequences(model, prompt):
     alone = model.generate(short, exit=4, max_new_tokens=8, do_sample=False)
     assert torch.equal(out[1, -8:], alone[0, -8:])
     assert torch.equal(out[0], model.generate(prompt, exit=4, max_new_tokens=8, do_sample=False)[0])
+
+
+@pytest.mark.parametrize("depth,draft", [(2, 3), (4, 4), (4, 1)])
+def test_speculative_decoding_equals_greedy_full_decoding(model, prompt, depth, draft):
+    from pipeline.speculative import speculative_generate
+
+    full = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    ours, stats = speculative_generate(model, prompt, depth, max_new_tokens=20, draft_tokens=draft,
+                                       eos_token_id=model.backbone.config.eos_token_id)
+    assert torch.equal(ours, full[:, : ours.shape[1]]) and ours.shape == full.shape
+    assert stats.rounds > 0 and 0 <= stats.acceptance_rate <= 1
+
+
+def test_lm_eval_adapter_runs_a_local_task(model, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from pipeline.backbone import backbone_fingerprint
+
+    from conftest import ROOT
+
+    truncated = tmp_path / "backbone"  # a 6-layer backbone folder, as a user would have one
+    model.backbone.save_pretrained(truncated)
+    AutoTokenizer.from_pretrained(BACKBONE).save_pretrained(truncated)
+    model.save_exits(tmp_path / "exits", backbone_fingerprint(ModelConfig(backbone=str(truncated)), model.backbone))
+    cmd = [str(Path(sys.executable).parent / "balcony-lm-eval"), "run", "--model", "balcony",
+           "--model_args", f"backbone={truncated},exits={tmp_path / 'exits'},exit=4",
+           "--tasks", "balcony_tiny", "--include_path", str(ROOT / "tests" / "data" / "lm_eval_task"),
+           "--output_path", str(tmp_path / "results"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results*.json")]
+    assert result["n-samples"]["balcony_tiny"]["effective"] == 5
+    assert 0.0 <= result["results"]["balcony_tiny"]["acc,none"] <= 1.0
