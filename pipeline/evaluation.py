@@ -150,7 +150,8 @@ def plot(rows: list[dict], path) -> None:
         if not chosen:
             continue
         x = [r["relative_cost"] for r in chosen]
-        kl_ax.plot(x, [max(r["kl_to_full"], 1e-4) for r in chosen], style, color=color, label=label, markersize=9)
+        if kind != "full":  # the full model's KL to itself is 0: no point on a log axis
+            kl_ax.plot(x, [r["kl_to_full"] for r in chosen], style, color=color, label=label, markersize=9)
         ppl_ax.plot(x, [r["perplexity"] for r in chosen], style, color=color, label=label, markersize=9)
     kl_ax.set(xlabel="relative cost (layers run / L)", ylabel="KL(full || variant), nats/token", yscale="log",
               title="distance to the full model")

@@ -144,19 +144,26 @@ def test_refusals(prepared, zero2):
     assert proc.returncode == 2 and "train.tokens_per_step: 1000 is not a multiple" in proc.stderr
 
 
-def test_evaluate_stage_writes_metrics_table_and_plot(prepared, zero2):
+def test_evaluate_stage_writes_metrics_table_and_plot(prepared, zero2, tmp_path, tracking_uri):
     folder, config = prepared
-    overrides = ["eval.latency_batches=[1, 2]", "eval.new_tokens=4", "eval.repeats=1", "eval.max_sequences=4"]
+    # the EE-Tuning baseline: the same exits trained on next-token cross-entropy, one process
+    ce_config = _write(tmp_path, tracking_uri, "ce", train={"objective": "ce", "max_steps": 2})
+    shutil.copytree(folder / "run" / "tokens", tmp_path / "ce" / "tokens")
+    assert sorted(losses(run_stage("train_exits.py", "--config", ce_config).stdout)) == [1, 2]
+    overrides = ["eval.latency_batches=[1, 2]", "eval.new_tokens=4", "eval.repeats=1", "eval.max_sequences=4",
+                 f"eval.baseline_exits={tmp_path / 'ce' / 'exits'}"]
     run_stage("evaluate_exits.py", "--config", config, *overrides)
     out = folder / "run" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     names = [row["name"] for row in metrics["rows"]]
-    assert names == ["full", "exit@1", "exit@2", "lens@1", "lens@2"] and metrics["heldout_tokens"] == 4 * 128
+    assert names == ["full", "exit@1", "exit@2", "lens@1", "lens@2", "ce@1", "ce@2"]
+    assert metrics["heldout_tokens"] == 4 * 128
     exit1 = metrics["rows"][1]
     assert exit1["relative_cost"] == pytest.approx(2 / 3) and set(exit1["speedup"]) == {"1", "2"}
     assert exit1["ideal_speedup"] == pytest.approx(1.5) and exit1["kl_to_full"] > 0
+    assert 0 <= exit1["speculative"]["acceptance_rate"] <= 1 and exit1["speculative"]["speedup"] > 0
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| exit@1 |" in (out / "table.md").read_text()
+    assert "| exit@1 |" in (out / "table.md").read_text() and "| ce@2 |" in (out / "table.md").read_text()
     assert "nothing to do" in run_stage("evaluate_exits.py", "--config", config, *overrides).stdout
     proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
     assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone
