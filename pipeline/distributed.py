@@ -29,12 +29,18 @@ def resolve_task(index: int | None, count: int | None) -> tuple[int, int]:
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device) after joining the process group: NCCL on GPUs, gloo on CPU.
 
-    Works under `deepspeed`, `torchrun` and `srun` (which set RANK/WORLD_SIZE/...), and as plain
-    `python` with one process (DeepSpeed would otherwise look for MPI).
+    Works under `deepspeed` and `torchrun` (which set RANK/WORLD_SIZE/...), under `srun` with one
+    task per process (RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), and
+    as plain `python` with one process (DeepSpeed would otherwise look for MPI).
     """
     import deepspeed
 
     env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_slurm_host()
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))  # same on every task
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
@@ -44,6 +50,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+
+
+def _first_slurm_host() -> str:
+    """The job's first node (rank 0 runs there), as `scontrol show hostnames` expands the node list."""
+    import subprocess
+
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ConfigError(f"MASTER_ADDR: not set, and the SLURM node list {nodes!r} cannot be expanded ({e})") from None
+    return out.stdout.split()[0]
 
 
 def _free_port() -> int:

@@ -167,3 +167,20 @@ def test_evaluate_stage_writes_metrics_table_and_plot(prepared, zero2, tmp_path,
     assert "nothing to do" in run_stage("evaluate_exits.py", "--config", config, *overrides).stdout
     proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
     assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone
+
+
+def test_one_process_per_srun_task(prepared, tmp_path, tracking_uri):
+    """What `srun --ntasks=2 python stages/train_exits.py` gives each process: SLURM's variables only."""
+    folder, _ = prepared
+    config = _write(tmp_path, tracking_uri, "srun", train={"max_steps": 2})
+    _clone_inputs(folder / "run", tmp_path / "srun")
+    base = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "--config", str(config)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**base, "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                                   "SLURM_JOB_ID": "4242", "MASTER_ADDR": "127.0.0.1"})
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "2 ranks, ZeRO-2" in outputs[0][0] and sorted(losses(outputs[0][0])) == [1, 2]
+    assert outputs[1][0].count("step ") == 0  # only rank 0 reports
