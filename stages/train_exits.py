@@ -16,9 +16,12 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # deepspeed imports mlflow when present
+# DeepSpeed 0.19 calls collectives that torch 2.13 renamed; one warning per call drowns the log
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 import torch
 import torch.distributed as dist
