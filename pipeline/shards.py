@@ -113,8 +113,11 @@ def completed_record(stage_dir: Path, split: str, index: int) -> ShardRecord | N
 # ---------------------------------------------------------------- header and manifest
 
 
-def claim_directory(stage_dir: Path, header: dict) -> None:
-    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else."""
+def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
+    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else.
+
+    In a multi-process job every rank checks (so all refuse alike) and one writes (`write`).
+    """
     path = Path(stage_dir) / PARTS / "header.json"
     if path.exists():
         earlier = json.loads(path.read_text())
@@ -127,7 +130,8 @@ def claim_directory(stage_dir: Path, header: dict) -> None:
             raise ShardError(f"{stage_dir} holds output written with {was}; this run has {now}: "
                              f"use another run.dir or delete {stage_dir}")
         return
-    _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode())
+    if write:
+        _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode())
 
 
 def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int]) -> dict | None:

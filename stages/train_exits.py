@@ -101,8 +101,8 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
     header = {"stage": STAGE, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32"}
-    if rank == 0:
-        claim_directory(out, header)  # refuses checkpoints of another exit configuration or input
+    # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes
+    claim_directory(out, header, write=rank == 0)
     dist.barrier()
     if (out / EXITS_CONFIG).exists():
         if rank == 0:
