@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.balcony import BalconyModel
-from pipeline.losses import exact_kl
+from pipeline.losses import kl_from_logprobs, next_token_labels
 
 
 @dataclass
@@ -55,7 +55,7 @@ def score_batch(model: BalconyModel, baseline: BalconyModel | None, variants: li
     exits, final = model(input_ids, full=True, taps=taps)
     ce_exits = baseline(input_ids)[0] if baseline is not None else {}
     n = input_ids.numel()
-    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
+    labels = next_token_labels(input_ids)
     norm, head = model.backbone.model.norm, model.lm_head
     hidden = {"full": final}
     hidden.update({f"exit@{k}": h for k, h in exits.items()})
@@ -69,12 +69,11 @@ def score_batch(model: BalconyModel, baseline: BalconyModel | None, variants: li
         chunk_labels = labels[start:stop]
         known = chunk_labels != -100
         for variant in variants:
-            logits = head(flat[variant.name][start:stop]).float()
-            logprobs = logits.log_softmax(-1)
+            logprobs = head(flat[variant.name][start:stop]).float().log_softmax(-1)
             nll = -logprobs[known].gather(-1, chunk_labels[known].unsqueeze(-1))
             variant.sums["nll"] += float(nll.sum())
             variant.counts["nll"] += int(known.sum())
-            variant.sums["kl"] += float(exact_kl(full_logprobs, logits).sum())
+            variant.sums["kl"] += float(kl_from_logprobs(full_logprobs, logprobs).sum())
             variant.sums["agree"] += float((logprobs.argmax(-1) == full_top1).sum())
             variant.counts["kl"] += stop - start
 

@@ -30,10 +30,19 @@ def kl_to_target(student_logits: torch.Tensor, target: SparseTarget) -> torch.Te
     return kl
 
 
+def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary KL(p || q) per position from both log-distributions: [n, V] x [n, V] -> [n]."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+
+
 def exact_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary KL(p || q) per position: [n, V] x [n, V] -> [n]."""
-    student = student_logits.float().log_softmax(-1)
-    return (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
+    """Full-vocabulary KL(p || q) per position, q given as logits: [n, V] x [n, V] -> [n]."""
+    return kl_from_logprobs(teacher_logprobs, student_logits.float().log_softmax(-1))
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B*T]: position t predicts token t+1; a sequence's last position gets -100 (none)."""
+    return torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -81,8 +90,7 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
     online = objective == "kl" and fmt is None
     exits, final = forward(input_ids, full=online)
     if objective == "ce":
-        # position t predicts token t+1; the last position of each sequence has nothing to predict
-        labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
+        labels = next_token_labels(input_ids)
 
         def loss_of_chunk(logits, start, stop):
             return torch.nn.functional.cross_entropy(logits.float(), labels[start:stop], reduction="none")

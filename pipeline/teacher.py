@@ -91,6 +91,8 @@ class Teacher:
         batch, length = ids.shape
         hidden, lens_hidden = self._forward(ids)
         hidden = hidden.reshape(batch * length, -1)
+        if lens_hidden is not None:
+            lens_hidden = lens_hidden.reshape(batch * length, -1)
         uniforms = None
         if self.fmt.kind == "sampled":
             uniforms = torch.cat([sample_uniforms(self.cfg.seed, k, length, self.fmt.entries) for k in keys])
@@ -108,7 +110,7 @@ class Teacher:
                 pieces.setdefault(name, []).append(array.cpu())
             if rows:
                 self._probe(probe_logprobs, {k: v[rows] for k, v in encoded.items()},
-                            lens_hidden.reshape(batch * length, -1)[[start + r for r in rows]])
+                            lens_hidden[[start + r for r in rows]])
         arrays = {name: torch.cat(parts).reshape(batch, length, *parts[0].shape[1:]).numpy()
                   for name, parts in pieces.items()}
         return [{name: array[b] for name, array in arrays.items()} for b in range(batch)]

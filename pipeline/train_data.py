@@ -29,6 +29,7 @@ class TrainBatches:
         self.dir, self.keys, self.micro_batch = Path(stage_dir), (TOKENS_KEY, *target_keys), micro_batch
         self.rank, self.world, self.seed, self.workers = rank, world, seed, num_workers
         self.shards = manifest["splits"]["train"]["shards"]
+        self._verified: set[str] = set()  # checksums are checked once per process, not once per epoch
         if len(self.shards) < world * max(1, num_workers):
             raise ShardError(f"{self.dir}: {len(self.shards)} train shards cannot feed {world} ranks x "
                              f"{max(1, num_workers)} workers; use a smaller data.sequences_per_shard")
@@ -67,7 +68,9 @@ class TrainBatches:
         """This rank's micro-batches `skip` to `count` of `epoch`."""
         shards = self._rank_shards(self.rank, epoch)
         for record in shards:
-            verify_shard(self.dir, record)
+            if record["file"] not in self._verified:
+                verify_shard(self.dir, record)
+                self._verified.add(record["file"])
         pipeline = (
             wds.WebDataset([str(self.dir / s["file"]) for s in shards], shardshuffle=False, nodesplitter=None,
                            workersplitter=wds.split_by_worker, empty_check=False)

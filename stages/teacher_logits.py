@@ -8,6 +8,7 @@ Teacher shards are 1:1 with token shards (same keys, same order) and add the tar
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -51,7 +52,7 @@ def teacher_logits(cfg: Config, task: tuple[int, int]) -> None:
                 for start in range(0, len(samples), cfg.teacher.batch_size):
                     batch = samples[start : start + cfg.teacher.batch_size]
                     keys = [s["__key__"] for s in batch]
-                    targets += teacher.targets(torch.stack([torch.as_tensor(s[TOKENS_KEY]) for s in batch]).numpy(), keys)
+                    targets += teacher.targets(np.stack([s[TOKENS_KEY] for s in batch]), keys)
                     bar.update(sum(s[TOKENS_KEY].size for s in batch))
                 write_shard(out, split, index, ({"__key__": s["__key__"], TOKENS_KEY: s[TOKENS_KEY], **t}
                                                 for s, t in zip(samples, targets)))

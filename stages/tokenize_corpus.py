@@ -44,7 +44,8 @@ def tokenize(cfg: Config, task: tuple[int, int]) -> None:
     specs = plan_shards(cfg.data)
 
     def write(todo, tracker) -> int:
-        owned = [s for s in specs if (s.split, s.index) in set(todo)]
+        wanted = set(todo)
+        owned = [s for s in specs if (s.split, s.index) in wanted]
         total = sum(s.sequences for s in owned) * cfg.data.seq_len
         documents = stream_documents(cfg.data, tokenizer)
         with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE, smoothing=0.1) as bar:

@@ -118,7 +118,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
                           f"the data gives {batches.batches_in(0)}; lower it or add data")
 
     # --- engine: only exit parameters reach the optimizer
-    params = [p for p in model.exits.parameters()]
+    params = list(model.exits.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
