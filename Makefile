@@ -23,14 +23,27 @@ QUIET_PIP  := 2>&1 | { grep -v '^WARNING: Location' || true; }
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup assets demo pipeline test bench stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
+# CLUSTER=slurm submits to SLURM with the site settings in CLUSTER_CONFIG instead of running in place.
+CLUSTER        ?=
+CLUSTER_CONFIG ?= configs/cluster/local.yaml
+LAUNCH := $(PY) stages/run_pipeline.py --config $(CONFIG) $(if $(filter slurm,$(CLUSTER)),--cluster $(CLUSTER_CONFIG))
+# The MLflow store shared by the runs under runs/ (run.tracking_uri overrides it per config).
+MLFLOW_STORE ?= runs/mlflow.db
+MLFLOW_HOST  ?= 127.0.0.1
+MLFLOW_PORT  ?= 5000
+
+.PHONY: help setup system-deps assets demo pipeline status test bench mlflow-ui slurm-up slurm-down \
+        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, run the test suite"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
-	@echo "make pipeline CONFIG=... - all four stages in order"
+	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - all four stages in order, or a chain of SLURM jobs"
+	@echo "make status CONFIG=... CLUSTER=slurm - the state and logs of the last submitted jobs"
+	@echo "make mlflow-ui [MLFLOW_STORE=runs/mlflow.db] - the MLflow UI on http://127.0.0.1:5000"
+	@echo "make slurm-up / slurm-down [SLURM_NODES=2] - a throw-away local SLURM cluster"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=2] [ARGS='key=value ...']"
@@ -54,34 +67,55 @@ $(STAMP): setup.py
 assets: setup
 	$(PY) -m pipeline.assets --root $(ASSETS)
 
-stage-tokenize: assets
-	$(PY) stages/tokenize_corpus.py --config $(CONFIG) $(ARGS)
+# In place, or submitted to SLURM with CLUSTER=slurm (stages/run_pipeline.py holds both ways).
+stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate: stage-%: assets
+	$(LAUNCH) --stages $* --nproc $(NPROC) $(ARGS)
 
-stage-teacher-logits: assets
-	$(PY) stages/teacher_logits.py --config $(CONFIG) $(ARGS)
-
-# One process per GPU; on a CPU-only machine NPROC processes over gloo, one thread each
-# (without OMP_NUM_THREADS=1 the ranks oversubscribe the cores and run many times slower).
+# train-exits in place: one process per GPU, or NPROC gloo ranks of one thread each on CPU.
 NPROC ?= 2
-stage-train-exits: assets
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) stages/train_exits.py --config $(CONFIG) $(ARGS)
 
-stage-evaluate: assets
-	$(PY) stages/evaluate_exits.py --config $(CONFIG) $(ARGS)
+# All four stages in order under one MLflow parent run; with CLUSTER=slurm, a chain of jobs
+# (afterok) whose ids are printed and kept in RUN/logs/jobs.json (WAIT=1 waits for them).
+pipeline: assets
+	$(LAUNCH) --nproc $(NPROC) $(if $(WAIT),--wait) $(ARGS)
 
-# Stages run in order: each reads what the previous one wrote.
-pipeline:
-	$(MAKE) --no-print-directory stage-tokenize CONFIG=$(CONFIG) ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory stage-teacher-logits CONFIG=$(CONFIG) ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory stage-train-exits CONFIG=$(CONFIG) ARGS="$(ARGS)"
-	$(MAKE) --no-print-directory stage-evaluate CONFIG=$(CONFIG) ARGS="$(ARGS)"
+status:
+	$(LAUNCH) --status $(ARGS)
 
 demo: assets
-	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml
-	@echo "demo: table runs/demo/eval/table.md, plot runs/demo/eval/plot.png, metrics runs/demo/eval/metrics.json"
-	@echo "demo: MLflow store runs/demo/mlflow.db (browse: .venv/bin/mlflow ui --backend-store-uri sqlite:///$$PWD/runs/demo/mlflow.db --host 127.0.0.1)"
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER=
+	@echo
+	@echo "demo: table   runs/demo/eval/table.md"
+	@echo "demo: plot    runs/demo/eval/plot.png"
+	@echo "demo: metrics runs/demo/eval/metrics.json"
+	@echo "demo: MLflow  runs/mlflow.db; browse it with 'make mlflow-ui', then open http://$(MLFLOW_HOST):$(MLFLOW_PORT)"
 
-test: assets
+# The real MLflow server and UI over the run root's store, on 127.0.0.1 unless MLFLOW_HOST says otherwise.
+mlflow-ui: setup
+	@test -f $(MLFLOW_STORE) || { echo "error: MLFLOW_STORE: no MLflow store at $(MLFLOW_STORE); run 'make demo' first or set MLFLOW_STORE=path/to/mlflow.db" >&2; exit 2; }
+	@echo "MLflow UI: http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (store $(MLFLOW_STORE); Ctrl-C stops it)"
+	exec $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
+	  --default-artifact-root $(abspath $(dir $(MLFLOW_STORE)))/mlartifacts \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
+
+# The throw-away local SLURM cluster (cluster/local/): SLURM_NODES emulated nodes on 127.0.0.1.
+SLURM_NODES ?= 2
+slurm-up:
+	cluster/local/start.sh $(SLURM_NODES)
+slurm-down:
+	cluster/local/stop.sh
+
+# What the tests start besides Python: SLURM + munge (the local cluster) and Chromium (the UI test).
+# Debian packages, installed once when missing (needs root, as on CI).
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge chromium
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: assets system-deps
 	$(PY) -m pytest tests
 
 bench: assets

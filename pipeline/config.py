@@ -27,9 +27,9 @@ def _num(default, *, ge=None, gt=None, le=None, lt=None, doc=""):
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"  # output root: RUN/tokens, RUN/teacher, RUN/exits, RUN/eval, RUN/mlflow.db
+    dir: str = "runs/demo"  # RUN: RUN/tokens, RUN/teacher, RUN/exits, RUN/eval, RUN/logs
     experiment: str = "balcony"  # MLflow experiment name
-    tracking_uri: str = ""  # empty: sqlite store RUN/mlflow.db
+    tracking_uri: str = ""  # empty: the run root's sqlite store RUN/../mlflow.db, shared by sibling runs
 
 
 @dataclass
@@ -171,6 +171,34 @@ class Config:
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- site settings for SLURM
+
+
+@dataclass
+class JobConfig:
+    """sbatch resources of one kind of job."""
+    nodes: int = _num(1, gt=0)
+    tasks_per_node: int = _num(1, gt=0, doc="processes per node (training: one per GPU)")
+    cpus_per_task: int = _num(1, gt=0)
+    gpus_per_node: int = _num(0, ge=0)
+    mem: str = "8G"
+    time: str = "01:00:00"
+
+
+@dataclass
+class ClusterConfig:
+    """configs/cluster/*.yaml: where and how jobs run; never edited inside the sbatch scripts."""
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""
+    env_setup: str = ""  # shell run at the top of every job, e.g. "source .venv/bin/activate"
+    slurm_conf: str = ""  # SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default
+    array_tasks: int = _num(2, gt=0, doc="tasks of the array stages (tokenize, teacher-logits)")
+    sbatch_args: list[str] = field(default_factory=list)  # anything else, e.g. ["--qos=high"]
+    shard: JobConfig = field(default_factory=JobConfig)  # each task of tokenize / teacher-logits
+    train: JobConfig = field(default_factory=JobConfig)
+    evaluate: JobConfig = field(default_factory=JobConfig)
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -275,6 +303,14 @@ def _apply_override(raw: dict, override: str) -> None:
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    return _load(Config, path, overrides)
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    return _load(ClusterConfig, path, ())
+
+
+def _load(cls, path: str | Path, overrides: typing.Sequence[str]):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -286,7 +322,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override)
-    return _build(Config, raw, "")
+    return _build(cls, raw, "")
 
 
 def dump_config(cfg: Config) -> str:

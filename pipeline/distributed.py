@@ -53,15 +53,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _first_slurm_host() -> str:
-    """The job's first node (rank 0 runs there), as `scontrol show hostnames` expands the node list."""
+    """The address of the job's first node (rank 0 runs there): its NodeAddr in SLURM, which is the
+    host name on most clusters and an IP where node names do not resolve (e.g. the local test cluster)."""
     import subprocess
 
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               check=True).stdout.split()[0]
+        info = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True, text=True).stdout
+    except (OSError, IndexError, subprocess.CalledProcessError) as e:
         raise ConfigError(f"MASTER_ADDR: not set, and the SLURM node list {nodes!r} cannot be expanded ({e})") from None
-    return out.stdout.split()[0]
+    fields = dict(item.split("=", 1) for item in info.split() if "=" in item)
+    return fields.get("NodeAddr", first)
 
 
 def _free_port() -> int:

@@ -1,23 +1,34 @@
-"""MLflow: one run per stage (per task), in a store under the run root unless the config names one.
+"""MLflow: one parent run per pipeline execution, one child run per stage (per task).
 
-Params are the flattened config, tags the lineage (stage, config hash, git commit, task), so runs
-compare side by side in the UI. A run that raises is marked FAILED (MLflow's atexit hook would
-otherwise mark it FINISHED). Only the process that should log (rank 0) gets a live tracker.
+The store is a SQLite file in the run root unless the config names one. `open_pipeline` creates
+the parent (params = the flattened config, artifact = the resolved config) and its id travels to
+every stage in the environment variable BALCONY_PIPELINE_RUN, across processes and SLURM jobs; each
+stage run is nested under it and tagged with stage, pipeline id, config hash and git commit.
+The evaluate stage closes the parent with its summary metrics, so parents compare side by side.
+A run that raises is marked FAILED, and so is its parent (MLflow's atexit hook would otherwise
+mark it FINISHED). Only the process that should log (rank 0) gets a live tracker.
 """
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
 
 from pipeline.config import Config
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+PIPELINE_RUN = "BALCONY_PIPELINE_RUN"  # the parent run's id, set by stages/run_pipeline.py
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.run.tracking_uri or f"sqlite:///{cfg.run_dir / 'mlflow.db'}"
+    """The config's store, else one SQLite file in the run root (runs/mlflow.db for runs/demo), so
+    sibling runs land in one store and line up in the UI."""
+    return cfg.run.tracking_uri or f"sqlite:///{cfg.run_dir.parent / 'mlflow.db'}"
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -61,11 +72,8 @@ class Tracker:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
 
 
-@contextmanager
-def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True):
-    if not enabled:
-        yield Tracker()
-        return
+def _connect(cfg: Config):
+    """mlflow, pointed at the config's store and experiment (created with artifacts beside the store)."""
     import mlflow
 
     uri = tracking_uri(cfg)
@@ -75,14 +83,63 @@ def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] =
     if mlflow.get_experiment_by_name(cfg.run.experiment) is None:
         mlflow.create_experiment(cfg.run.experiment, artifact_location=_artifact_root(uri))
     mlflow.set_experiment(cfg.run.experiment)
+    return mlflow
+
+
+def _lineage(cfg: Config, stage: str, config_hash: str) -> dict[str, str]:
+    return {"stage": stage, "config_hash": config_hash, "git_commit": git_commit(), "run_dir": str(cfg.run_dir)}
+
+
+def open_pipeline(cfg: Config) -> str:
+    """Create the parent run of one pipeline execution; returns its id (= the pipeline id)."""
+    mlflow = _connect(cfg)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(cfg.run.experiment).experiment_id
+    name = f"{cfg.run_dir.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    run = client.create_run(experiment, run_name=name, tags=_lineage(cfg, "pipeline", cfg.hash()))
+    run_id = run.info.run_id
+    client.set_tag(run_id, "pipeline_id", run_id)
+    params = list(_flatten(cfg.to_dict()).items())
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params[i:i + 100]])
+    client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    return run_id
+
+
+def close_pipeline(cfg: Config, metrics: dict[str, float], artifacts: list[Path]) -> None:
+    """Give the parent run (if this process belongs to one) the summary metrics, and mark it FINISHED."""
+    parent = os.environ.get(PIPELINE_RUN)
+    if not parent:
+        return
+    mlflow = _connect(cfg)
+    client = mlflow.MlflowClient()
+    stamp = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(parent, metrics=items[i:i + 1000])
+    for path in artifacts:
+        client.log_artifact(parent, str(path))
+    client.set_terminated(parent, "FINISHED")
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True):
+    if not enabled:
+        yield Tracker()
+        return
+    mlflow = _connect(cfg)
     index, count = task
     name = stage if count == 1 else f"{stage}[{index}/{count}]"
-    tags = {"stage": stage, "config_hash": config_hash, "git_commit": git_commit(),
-            "task": f"{index}/{count}", "run_dir": str(cfg.run_dir)}
+    tags = {**_lineage(cfg, stage, config_hash), "task": f"{index}/{count}"}
+    parent = os.environ.get(PIPELINE_RUN)
+    if parent:
+        tags.update({"pipeline_id": parent, PARENT_TAG: parent})
     with mlflow.start_run(run_name=name, tags=tags, log_system_metrics=True):
         mlflow.log_params(_flatten(cfg.to_dict()))
         try:
             yield Tracker(mlflow)
         except BaseException:
             mlflow.end_run(status="FAILED")
+            if parent:  # the pipeline failed with its stage
+                mlflow.MlflowClient().set_terminated(parent, "FAILED")
             raise

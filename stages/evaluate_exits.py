@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.evaluation import decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
 from pipeline.shards import TOKENS_KEY, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.stage import run_stage
-from pipeline.tracking import stage_run
+from pipeline.tracking import close_pipeline, stage_run
 
 STAGE = "evaluate"
 FORMAT_VERSION = 1
@@ -51,8 +51,14 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
     claim_directory(out, header)
     if (out / "metrics.json").exists():
         print(f"{STAGE}: {out / 'metrics.json'} exists for these exits and data; nothing to do")
-        return
+    else:
+        measure(cfg, model, baseline, sequences, header, out, device)
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    close_pipeline(cfg, mlflow_metrics(rows), [out / "metrics.json", out / "plot.png", out / "table.md"])
 
+
+def measure(cfg: Config, model: BalconyModel, baseline: BalconyModel | None, sequences: torch.Tensor,
+            header: dict, out: Path, device: torch.device) -> None:
     variants = variants_of(model, baseline)
     with stage_run(cfg, STAGE, header["config_hash"]) as tracker:
         with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE} quality") as bar:
@@ -85,7 +91,7 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
                    "depths": model.depths, "heldout_sequences": len(sequences), "heldout_tokens": sequences.numel(),
                    "device": device.type, "rows": rows}
         write_outputs(out, metrics, cfg.eval.latency_batches)
-        tracker.metrics(mlflow_metrics(rows, model.depths, baseline.depths if baseline else []))
+        tracker.metrics(mlflow_metrics(rows))
         for name in ("metrics.json", "table.md", "plot.png"):
             tracker.artifact(out / name)
     print((out / "table.md").read_text())
@@ -96,11 +102,13 @@ def _baseline_weights(cfg: Config) -> Path | None:
     return Path(cfg.eval.baseline_exits) / WEIGHTS if cfg.eval.baseline_exits else None
 
 
-def mlflow_metrics(rows: list[dict], depths: list[int], baseline_depths: list[int]) -> dict[str, float]:
+def mlflow_metrics(rows: list[dict]) -> dict[str, float]:
     """Names by exit ordinal (exit1 = shallowest), so runs with other depths line up in the UI."""
-    prefixes = {("balcony", d): f"exit{i}" for i, d in enumerate(depths, 1)}
-    prefixes.update({("logit_lens", d): f"lens{i}" for i, d in enumerate(depths, 1)})
-    prefixes.update({("ce_exit", d): f"ce{i}" for i, d in enumerate(baseline_depths, 1)})
+    kinds = {"balcony": "exit", "logit_lens": "lens", "ce_exit": "ce"}
+    prefixes = {}
+    for kind, short in kinds.items():
+        depths = sorted(row["depth"] for row in rows if row["kind"] == kind)
+        prefixes.update({(kind, d): f"{short}{i}" for i, d in enumerate(depths, 1)})
     out = {}
     for row in rows:
         prefix = "full" if row["kind"] == "full" else prefixes[(row["kind"], row["depth"])]

@@ -1,0 +1,203 @@
+"""Run stages in place, or submit them to SLURM as a chain of jobs, under one MLflow parent run.
+
+In place, each stage is a child process (train-exits under the deepspeed launcher). On SLURM,
+tokenize and teacher-logits are array jobs (task i of N writes shards i::N), train-exits one
+multi-node job, evaluate one job, each `afterok` on the one before. A stage already complete is
+skipped, and of an array stage only the tasks with missing shards are submitted, so resubmitting
+after a failure or a cancel redoes only what is missing. Submitted job ids go to RUN/logs/jobs.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import ClusterConfig, Config, JobConfig
+from pipeline.corpus import plan_shards
+from pipeline.errors import PipelineError
+from pipeline.shards import MANIFEST, completed_record
+from pipeline.tracking import PIPELINE_RUN, open_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("tokenize", "teacher-logits", "train-exits", "evaluate")
+SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher-logits": "teacher_logits.py",
+           "train-exits": "train_exits.py", "evaluate": "evaluate_exits.py"}
+# what a finished stage leaves behind, relative to the run directory
+OUTPUTS = {"tokenize": "tokens", "teacher-logits": "teacher", "train-exits": "exits", "evaluate": "eval"}
+DONE = {"tokenize": f"tokens/{MANIFEST}", "teacher-logits": f"teacher/{MANIFEST}",
+        "train-exits": "exits/balcony_config.json", "evaluate": "eval/metrics.json"}
+JOBS_FILE = "logs/jobs.json"
+
+
+def banner(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def stage_command(stage: str, config: Path, overrides: list[str]) -> list[str]:
+    return [str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
+
+
+def open_parent(cfg: Config, stages: list[str]) -> None:
+    """The whole chain is one pipeline execution: a parent MLflow run its stage runs nest under."""
+    if list(stages) == list(STAGES) and PIPELINE_RUN not in os.environ:
+        os.environ[PIPELINE_RUN] = open_pipeline(cfg)
+        print(f"pipeline: MLflow parent run {os.environ[PIPELINE_RUN]} in experiment {cfg.run.experiment!r}")
+
+
+# ---------------------------------------------------------------- in place
+
+
+def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[str], nproc: int) -> None:
+    open_parent(cfg, stages)
+    for i, stage in enumerate(stages, 1):
+        banner(f"[{i}/{len(stages)}] {stage}")
+        started = time.perf_counter()
+        if stage == "train-exits":  # one process per GPU, or nproc gloo ranks of one thread each on CPU
+            command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+                       *stage_command(stage, config, overrides)]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        else:
+            command, env = [sys.executable, *stage_command(stage, config, overrides)], None
+        if subprocess.run(command, cwd=os.getcwd(), env=env).returncode != 0:
+            raise PipelineError(f"stage {stage} failed; fix the cause and rerun: finished shards are kept")
+        print(f"==> {stage} done in {time.perf_counter() - started:,.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------- SLURM
+
+
+@dataclass
+class Job:
+    stage: str
+    job_id: str
+    tasks: str  # array indices ("0-3", "1,3") or "" for a single job
+    log: str
+
+
+def pending_tasks(cfg: Config, stage: str, count: int) -> list[int]:
+    """Array tasks that still have a shard to write (task i owns shards i::count)."""
+    shards = [(s.split, s.index) for s in plan_shards(cfg.data)]  # teacher shards are 1:1 with these
+    out = cfg.run_dir / OUTPUTS[stage]
+    todo = [i for i in range(count) if any(completed_record(out, *s) is None for s in shards[i::count])]
+    return todo or [0]  # all shards in but no manifest (a task died finishing it): one task writes it
+
+
+def sbatch_resources(cluster: ClusterConfig, job: JobConfig) -> list[str]:
+    args = [f"--nodes={job.nodes}", f"--ntasks-per-node={job.tasks_per_node}", f"--cpus-per-task={job.cpus_per_task}",
+            f"--mem={job.mem}", f"--time={job.time}"]
+    if job.gpus_per_node:
+        args.append(f"--gpus-per-node={job.gpus_per_node}")
+    if cluster.partition:
+        args.append(f"--partition={cluster.partition}")
+    if cluster.account:
+        args.append(f"--account={cluster.account}")
+    return args + list(cluster.sbatch_args)
+
+
+def slurm(cluster: ClusterConfig, *args: str) -> str:
+    env = {**os.environ, **({"SLURM_CONF": cluster.slurm_conf} if cluster.slurm_conf else {})}
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    except FileNotFoundError:
+        raise PipelineError(f"{args[0]}: not found; is this a SLURM login node? (local test cluster: "
+                            "cluster/local/start.sh)") from None
+    if proc.returncode != 0:
+        raise PipelineError(f"{' '.join(args[:1])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[str], stages: list[str]) -> list[Job]:
+    """Submit the stages that are not complete, each `afterok` on the previous one submitted."""
+    logs = cfg.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    open_parent(cfg, stages)
+    env = {**os.environ, "BALCONY_ENV_SETUP": cluster.env_setup, "BALCONY_NUM_TASKS": str(cluster.array_tasks)}
+    os.environ.update(env)  # sbatch exports the submitter's environment to the job
+    jobs, previous = [], None
+    for stage in stages:
+        if (cfg.run_dir / DONE[stage]).exists():
+            print(f"pipeline: {stage} is complete ({cfg.run_dir / DONE[stage]}); not submitted")
+            continue
+        name = f"balcony-{stage}"
+        args = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={os.getcwd()}", "--kill-on-invalid-dep=yes"]
+        if previous:
+            args.append(f"--dependency=afterok:{previous}")
+        tasks = ""
+        if stage in ("tokenize", "teacher-logits"):
+            tasks = ",".join(map(str, pending_tasks(cfg, stage, cluster.array_tasks)))
+            log = logs / f"{stage}-%A_%a.log"
+            args += [f"--array={tasks}", f"--output={log}", *sbatch_resources(cluster, cluster.shard)]
+            script = "stage.sbatch"
+        elif stage == "train-exits":
+            log = logs / f"{stage}-%j.log"
+            args += [f"--output={log}", *sbatch_resources(cluster, cluster.train)]
+            script = "train_exits.sbatch"
+        else:
+            log = logs / f"{stage}-%j.log"
+            args += [f"--output={log}", *sbatch_resources(cluster, cluster.evaluate)]
+            script = "stage.sbatch"
+        job_id = slurm(cluster, *args, str(ROOT / "cluster" / script), *stage_command(stage, config, overrides)).strip()
+        job_id = job_id.split(";")[0]  # --parsable prints "id[;cluster]"
+        jobs.append(Job(stage, job_id, tasks, str(log).replace("%A", job_id).replace("%j", job_id)))
+        print(f"pipeline: submitted {stage} as job {job_id}" + (f" (array tasks {tasks})" if tasks else "")
+              + (f", after {previous}" if previous else ""))
+        previous = job_id
+    record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "pipeline_run": os.environ.get(PIPELINE_RUN, ""),
+              "slurm_conf": cluster.slurm_conf, "jobs": [asdict(j) for j in jobs]}
+    (logs / "jobs.json").write_text(json.dumps(record, indent=1))
+    return jobs
+
+
+def job_states(cluster: ClusterConfig, job: Job) -> list[dict]:
+    """One entry per task: id, state, exit code, log path (`scontrol show job` lists array tasks)."""
+    out = slurm(cluster, "scontrol", "show", "job", "-o", job.job_id)
+    states = []
+    for line in out.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        task = fields.get("ArrayTaskId", "")
+        log = job.log.replace("%a", task) if task else job.log
+        states.append({"id": fields.get("JobId", job.job_id) if not task else f"{job.job_id}_{task}",
+                       "state": fields.get("JobState", "?"), "exit": fields.get("ExitCode", "?"),
+                       "reason": fields.get("Reason", ""), "log": log})
+    return states
+
+
+FINAL_OK = {"COMPLETED"}
+FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def status(cluster: ClusterConfig, jobs: list[Job]) -> tuple[list[str], bool, bool]:
+    """(report lines, all finished, any failed); a failed task's line names its log file."""
+    lines, finished, failed = [], True, False
+    for job in jobs:
+        for task in job_states(cluster, job):
+            state = task["state"]
+            finished &= state in FINAL_OK | FINAL_BAD
+            failed |= state in FINAL_BAD
+            detail = f"  log {task['log']}" if state in FINAL_BAD or state == "RUNNING" else ""
+            if state == "PENDING" and task["reason"] not in ("", "None"):
+                detail = f"  ({task['reason']})"
+            lines.append(f"{job.stage:15s} {task['id']:12s} {state:11s} exit {task['exit']:5s}{detail}")
+    return lines, finished, failed
+
+
+def load_jobs(cfg: Config) -> list[Job]:
+    path = cfg.run_dir / JOBS_FILE
+    if not path.exists():
+        raise PipelineError(f"{path}: no submitted jobs for run.dir {cfg.run_dir}; submit with CLUSTER=slurm first")
+    return [Job(**j) for j in json.loads(path.read_text())["jobs"]]
+
+
+def wait(cluster: ClusterConfig, jobs: list[Job], poll_s: float = 2.0) -> bool:
+    """Poll until every job is in a final state (after a failure the dependent jobs are cancelled by
+    --kill-on-invalid-dep); True if all completed."""
+    while True:
+        lines, finished, failed = status(cluster, jobs)
+        if finished:
+            print("\n".join(lines))
+            return not failed
+        time.sleep(poll_s)

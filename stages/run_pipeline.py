@@ -1,0 +1,62 @@
+"""Run the pipeline's stages in order, in place or as a chain of SLURM jobs (`make pipeline`).
+
+    python stages/run_pipeline.py --config configs/demo.yaml [key.path=value ...]
+    python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml [--wait]
+    python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml --status
+    python stages/run_pipeline.py --config C --stages teacher-logits        # one stage
+
+The full chain opens one MLflow parent run that every stage run nests under.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import launch
+from pipeline.config import load_cluster_config, load_config
+from pipeline.errors import PipelineError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="YAML recipe, e.g. configs/demo.yaml")
+    parser.add_argument("--stages", default=",".join(launch.STAGES),
+                        help=f"comma-separated subset of {','.join(launch.STAGES)} (default: all, in order)")
+    parser.add_argument("--cluster", type=Path, help="site settings (configs/cluster/*.yaml): submit to SLURM")
+    parser.add_argument("--nproc", type=int, default=2, help="in place: train-exits processes (GPUs, or CPU ranks)")
+    parser.add_argument("--wait", action="store_true", help="SLURM: wait for the jobs and fail if one fails")
+    parser.add_argument("--status", action="store_true", help="SLURM: show the last submitted jobs of run.dir")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in stages if s not in launch.STAGES]
+        if unknown:
+            raise PipelineError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(launch.STAGES)})")
+        stages = [s for s in launch.STAGES if s in stages]  # always in pipeline order
+        if args.cluster is None:
+            if args.status or args.wait:
+                raise PipelineError("--status / --wait: need --cluster (CLUSTER=slurm)")
+            launch.run_in_place(cfg, args.config.resolve(), args.overrides, stages, args.nproc)
+            return 0
+        cluster = load_cluster_config(args.cluster)
+        jobs = launch.load_jobs(cfg) if args.status else launch.submit(cfg, cluster, args.config.resolve(),
+                                                                       args.overrides, stages)
+        if args.status:
+            lines, _, failed = launch.status(cluster, jobs)
+            print("\n".join(lines) or "no jobs")
+            return 1 if failed else 0
+        print(f"pipeline: jobs {' '.join(j.job_id for j in jobs) or '(none: all complete)'}; "
+              f"logs in {cfg.run_dir / 'logs'}; `make status` shows them")
+        if args.wait and jobs:
+            return 0 if launch.wait(cluster, jobs) else 1
+        return 0
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
