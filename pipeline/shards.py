@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,12 +49,15 @@ def _receipt_path(shard: Path) -> Path:
     return shard.parent / PARTS / f"{shard.name}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, shared: bool = False) -> None:
+    """Write under a temporary name, then rename. A shard or receipt has one writer (tasks own
+    disjoint shards), so a leftover temp of it is from a killed run and goes; the header and the
+    manifest are `shared` by concurrent tasks (same content), so theirs are left alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A file has one writer (tasks own disjoint shards), so a leftover temp of it is from a killed run.
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if not shared:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -131,7 +135,7 @@ def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
                              f"use another run.dir or delete {stage_dir}")
         return
     if write:
-        _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode())
+        _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode(), shared=True)
 
 
 def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int]) -> dict | None:
@@ -148,7 +152,7 @@ def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int
             "bytes": sum(r.bytes for r in records),
         }
     manifest = {**header, "format_version": FORMAT_VERSION, "splits": splits}
-    _atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), shared=True)
     return manifest
 
 

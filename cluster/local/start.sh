@@ -91,7 +91,8 @@ for i in $(seq 1 "$NODES"); do
 done
 
 for _ in $(seq 1 120); do
-  idle=$(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l)
+  # "idle" exactly: a node slurmd has not registered yet shows as "idle*" (not responding)
+  idle=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | awk '$2 == "idle"' | wc -l)
   [ "$idle" = "$NODES" ] && break
   sleep 0.25
 done
@@ -100,4 +101,4 @@ if [ "$idle" != "$NODES" ]; then
   exit 1
 fi
 ms=$(( ($(date +%s%N) - started) / 1000000 ))
-echo "local SLURM: $NODES nodes up in $((ms / 1000)).$((ms % 1000 / 100)) s; export SLURM_CONF=$CONF"
+echo "local SLURM: $NODES nodes up in $ms ms; export SLURM_CONF=$CONF"

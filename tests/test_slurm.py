@@ -1,0 +1,131 @@
+"""The SLURM path on a real local cluster (cluster/local/, 2 emulated nodes): array jobs, a 2-node
+train-exits job, the whole chain through `make pipeline CLUSTER=slurm`, failures and resubmission."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, small_config, tree_bytes
+
+TINY = {
+    "model": {"num_layers": 3},
+    "exits": {"depths": [1, 2]},
+    "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
+    "train": {"tokens_per_step": 1024, "micro_batch_size": 4, "chunk_size": 256, "max_steps": 3},
+    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+}
+PORT = 26817  # not the default 16817, so a user's own local cluster is left alone
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Start the local cluster (installing SLURM if missing); yield a site config for it; stop it."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": str(PORT)}
+    started = time.perf_counter()
+    proc = subprocess.run([str(ROOT / "cluster/local/start.sh"), "2"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"local SLURM cluster up in {time.perf_counter() - started:.1f} s: {proc.stdout.strip()}")
+    site = state / "site.yaml"
+    site.write_text(yaml.safe_dump({
+        "partition": "local", "env_setup": f"source {ROOT}/.venv/bin/activate" if (ROOT / ".venv").exists() else "",
+        "slurm_conf": str(state / "slurm.conf"), "array_tasks": 2,
+        "shard": {"mem": "2G"}, "train": {"nodes": 2, "tasks_per_node": 1, "mem": "2G"}, "evaluate": {"mem": "2G"}}))
+    yield site
+    subprocess.run([str(ROOT / "cluster/local/stop.sh")], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
+    cfg = small_config(folder / name, tracking_uri, **TINY)
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/run_pipeline.py"), "--config", str(config), *args],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run_pipeline {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_make_pipeline_on_slurm(cluster, tmp_path, tracking_uri):
+    """`make pipeline CLUSTER=slurm`: array tokenize/teacher, 2-node training, evaluate; one parent run."""
+    import mlflow
+
+    config = _config(tmp_path, tracking_uri, "slurm", run={"experiment": "slurm-chain"})
+    started = time.perf_counter()
+    proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER=slurm",
+                           f"CLUSTER_CONFIG={cluster}", "WAIT=1"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"chained pipeline on the local cluster: {time.perf_counter() - started:.0f} s wall")
+    run = tmp_path / "slurm"
+    assert (run / "eval/metrics.json").exists()
+    assert re.search(r"submitted tokenize as job \d+ \(array tasks 0,1\)", proc.stdout)
+    assert re.search(r"submitted evaluate as job \d+, after \d+", proc.stdout)
+
+    jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
+    assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "train-exits", "evaluate"]
+    for stage in ("tokenize", "teacher-logits"):  # one log per array task
+        assert len(list((run / "logs").glob(f"{stage}-*_[01].log"))) == 2
+    train_log = Path(jobs[2]["log"]).read_text()
+    assert "on n[1-2]: 2 processes" in train_log and "train-exits: 2 ranks" in train_log, train_log[-2000:]
+    assert len(re.findall(r"^step \d+/3 ", train_log, re.M)) == 3
+
+    # array output is byte-identical to the same stages run in place by one process
+    reference = _config(tmp_path, tracking_uri, "inplace")
+    launch(reference, "--stages", "tokenize,teacher-logits")
+    for stage in ("tokens", "teacher"):
+        assert tree_bytes(run / stage) == tree_bytes(tmp_path / "inplace" / stage), stage
+
+    status = subprocess.run(["make", "--no-print-directory", "-s", "status", f"CONFIG={config}", "CLUSTER=slurm",
+                             f"CLUSTER_CONFIG={cluster}"], capture_output=True, text=True, cwd=ROOT)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6, status.stdout + status.stderr
+
+    # lineage: one FINISHED parent, every stage nested under it, in the same store as in-place runs
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["slurm-chain"])
+    parent = runs[runs["tags.stage"] == "pipeline"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
+    assert sorted(children["tags.stage"]) == ["evaluate", "teacher", "teacher", "tokenize", "tokenize", "train-exits"]
+    assert (children["tags.pipeline_id"] == parent.iloc[0]["run_id"]).all()
+    assert parent.iloc[0]["metrics.exit1_kl"] > 0
+
+    rerun = launch(config, "--cluster", str(cluster))
+    assert rerun.stdout.count("is complete") == 4 and "(none: all complete)" in rerun.stdout
+
+
+def test_resubmits_only_missing_tasks(cluster, tmp_path, tracking_uri):
+    """A lost shard of task 1 (of 2): the rerun submits array task 1 alone and restores the bytes."""
+    config = _config(tmp_path, tracking_uri, "resubmit")
+    launch(config, "--stages", "tokenize", "--cluster", str(cluster), "--wait")
+    out = tmp_path / "resubmit" / "tokens"
+    complete = tree_bytes(out)
+    (out / "manifest.json").unlink()
+    (out / "shard-000001.tar").unlink()  # task 1 owns train shards 1, 3, ...
+    proc = launch(config, "--stages", "tokenize", "--cluster", str(cluster), "--wait")
+    assert "(array tasks 1)" in proc.stdout, proc.stdout
+    assert tree_bytes(out) == complete
+
+
+def test_failed_task_reported_with_log(cluster, tmp_path, tracking_uri):
+    """A failing array task: --wait fails, status names the task's log, the next stage never runs."""
+    config = _config(tmp_path, tracking_uri, "failing", data={"files": [str(tmp_path / "missing-*.jsonl")]})
+    proc = launch(config, "--stages", "tokenize,teacher-logits", "--cluster", str(cluster), "--wait", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failed = [line for line in proc.stdout.splitlines() if " FAILED " in line]
+    assert len(failed) == 2, proc.stdout
+    log = Path(failed[0].split(" log ")[1].strip())
+    assert log.exists() and "error: data.files" in log.read_text(), log.read_text()[-2000:]
+    assert re.search(r"teacher-logits .* CANCELLED", proc.stdout), proc.stdout
