@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is depreca
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import CONFIG as EXITS_CONFIG
@@ -136,7 +138,8 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
     if rank == 0:
         print(f"{STAGE}: {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}, exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
-    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0) as tracker:
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc=STAGE, disable=rank != 0, dynamic_ncols=True)
+    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0) as tracker, bar:
         while step < total_steps:
             started = time.perf_counter()
             step_kl = torch.zeros(len(model.depths), device=device)
@@ -153,8 +156,9 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
             if rank == 0:
                 lr = scheduler.get_last_lr()[0]
                 per_exit = "  ".join(f"kl@{d} {v:.6f}" for d, v in zip(model.depths, step_kl.tolist()))
-                print(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s",
-                      flush=True)
+                bar.write(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s")
+                sys.stdout.flush()  # a log file (SLURM) sees each step as it ends
+                bar.update()
                 tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_kl.tolist())},
                                  "kl_mean": float(step_kl.mean()), "lr": lr,
                                  "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
