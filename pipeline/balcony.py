@@ -185,8 +185,10 @@ class BalconyModel(nn.Module):
         (folder / CONFIG).write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def from_pretrained(cls, backbone, exits_dir: Path, backbone_fingerprint: str | None = None) -> "BalconyModel":
-        """Backbone (a loaded HF model) + exported exits; refuses exits made for another backbone."""
+    def from_pretrained(cls, backbone, exits_dir: Path, backbone_fingerprint: str | None = None,
+                        depths: list[int] | None = None) -> "BalconyModel":
+        """Backbone (a loaded HF model) + exported exits; refuses exits made for another backbone
+        or, when `depths` is given, for another exit list."""
         from safetensors.torch import load_file
 
         exits_dir = Path(exits_dir)
@@ -198,6 +200,8 @@ class BalconyModel(nn.Module):
         if backbone_fingerprint is not None and meta["backbone_fingerprint"] != backbone_fingerprint:
             raise InputError(f"{exits_dir / CONFIG}: backbone_fingerprint is {meta['backbone_fingerprint']!r}, "
                              f"this backbone's is {backbone_fingerprint!r}")
+        if depths is not None and sorted(depths) != sorted(meta["depths"]):
+            raise InputError(f"{exits_dir / CONFIG}: depths is {meta['depths']}, this config's exits.depths is {depths}")
         model = cls(backbone, meta["depths"])
         state = load_file(str(exits_dir / WEIGHTS))
         missing, unexpected = model.exits.load_state_dict(state, strict=False)

@@ -64,6 +64,9 @@ def _atomic_write(path: Path, data: bytes, shared: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a lost mount: say which file, keep what is committed
+        raise ShardError(f"{path}: write failed ({e.strerror or e}); everything committed before it is "
+                         "intact: fix the cause and rerun to continue") from e
     finally:
         tmp.unlink(missing_ok=True)
 

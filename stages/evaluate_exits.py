@@ -40,7 +40,7 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_backbone(cfg.model, device)
     fingerprint = backbone_fingerprint(cfg.model, lm)
-    model = BalconyModel.from_pretrained(lm, exits_dir, fingerprint).to(device).eval()
+    model = BalconyModel.from_pretrained(lm, exits_dir, fingerprint, cfg.exits.depths).to(device).eval()
     baseline = None
     if cfg.eval.baseline_exits:
         baseline = BalconyModel.from_pretrained(lm, cfg.eval.baseline_exits, fingerprint).to(device).eval()

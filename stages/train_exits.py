@@ -125,6 +125,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(cfg, accumulation, bf16))
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
     checkpoints = out / "checkpoints"
     step = 0
     if (checkpoints / "latest").exists():
@@ -168,6 +169,21 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
         if rank == 0:
             tracker.artifact(out / EXITS_CONFIG)
             print(f"{STAGE}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
+
+
+def weights_only_checkpoint_engine(ds_config):
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True: tensors, plain containers
+    and DeepSpeed's LossScaler (its ZeRO optimizer state holds one), never an arbitrary pickle
+    (DeepSpeed's own engine loads with weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    class Engine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return Engine(ds_config)
 
 
 def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> None:

@@ -1,7 +1,9 @@
 """Shared fixtures: the embedded assets, small configs written to a temp dir, a shared MLflow store."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 BACKBONE = ASSETS / "smollm2-135m-instruct"
 CORPUS = ASSETS / "corpus"
+ARTIFACTS = Path(os.environ.get("BALCONY_TEST_ARTIFACTS", ROOT / "test-artifacts"))  # kept after the run
+STEP = re.compile(r"^step (\d+)/(\d+)  (.*?)  lr", re.M)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,21 +75,98 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def kill_mid_stage(script: str, config: Path, out: Path, after_shards: int, total: int) -> int:
-    """Start a stage, SIGKILL it once `after_shards` shards are committed; return how many were.
+def losses_by_step(stdout: str) -> dict[int, str]:
+    """train-exits' printed per-exit losses by step number."""
+    return {int(m.group(1)): m.group(3) for m in STEP.finditer(stdout)}
 
-    Fails unless the kill really landed mid-stage: some shards done, not all, no manifest.
-    """
-    import signal
+
+# ---------------------------------------------------------------- fault and bad-input ledger
+
+LEDGER: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def ledger():
+    """Cases of the fault / bad-input suites that passed; written to test-artifacts/fault-report.json."""
+    def record(category: str, case: str, outcome: str) -> None:
+        LEDGER.append({"category": category, "case": case, "outcome": outcome})
+
+    yield record
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    for entry in LEDGER:
+        key = f"{entry['category']}: {entry['outcome']}"
+        counts[key] = counts.get(key, 0) + 1
+    (ARTIFACTS / "fault-report.json").write_text(json.dumps({"summary": counts, "cases": LEDGER}, indent=1))
+
+
+# ---------------------------------------------------------------- a whole tiny pipeline, for the fault suites
+
+TINY_PIPELINE = {
+    "model": {"num_layers": 3},
+    "exits": {"depths": [1, 2]},
+    "data": {"budget_tokens": 16384, "heldout_tokens": 1024, "sequences_per_shard": 4},  # 32 + 2 shards
+    "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
+    "train": {"tokens_per_step": 512, "micro_batch_size": 2, "checkpoint_every": 1, "chunk_size": 256,
+              "lr": 1e-3, "max_steps": 10},
+    "eval": {"max_sequences": 8, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+}
+SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher": "teacher_logits.py", "train": "train_exits.py",
+           "evaluate": "evaluate_exits.py"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
+    cfg = small_config(folder / name, tracking_uri, **TINY_PIPELINE)
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1) -> list[str]:
+    """The stage as a user starts it; train-exits with ranks > 1 under the deepspeed launcher."""
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks)] if ranks > 1 else [sys.executable]
+    return [*launcher, str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
+
+
+def run_command(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command[-3]} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tracking_uri, assets):
+    """All four stages of the tiny pipeline, uninterrupted (train-exits: 2 ranks under deepspeed).
+    Returns (run folder, train-exits stdout, evaluate wall seconds)."""
     import time
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / script), "--config", str(config)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.rglob(".parts/shard-*.json"))) < after_shards:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    done = len(list(out.rglob(".parts/shard-*.json")))
-    assert 0 < done < total and not (out / "manifest.json").exists(), f"the kill should land mid-stage ({done} of {total} done)"
-    return done
+    folder = tmp_path_factory.mktemp("finished")
+    config = tiny_config(folder, tracking_uri, "run")
+    run_command(stage_command("tokenize", config))
+    run_command(stage_command("teacher", config))
+    train = run_command(stage_command("train", config, ranks=2))
+    started = time.perf_counter()
+    run_command(stage_command("evaluate", config))
+    return folder / "run", train.stdout, time.perf_counter() - started
+
+
+BODIES = {"tokenize": "tokenize", "teacher": "teacher_logits", "train": "train_exits", "evaluate": "evaluate"}
+
+
+def stage_module(stage: str):
+    """A stage's script imported as a module (its body runs in-process under pipeline.stage.run_stage)."""
+    import importlib.util
+
+    script = ROOT / "stages" / SCRIPTS[stage]
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_function(stage: str):
+    return getattr(stage_module(stage), BODIES[stage])

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, small_config
+from conftest import ARTIFACTS, ROOT, small_config
 
-ARTIFACTS = Path(os.environ.get("BALCONY_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 TINY = {
     "model": {"num_layers": 3},
     "exits": {"depths": [1, 2]},

@@ -3,7 +3,6 @@ train-exits job, the whole chain through `make pipeline CLUSTER=slurm`, failures
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time

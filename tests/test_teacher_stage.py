@@ -10,7 +10,7 @@ from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
-from conftest import BACKBONE, kill_mid_stage, run_stage, small_config, tree_bytes
+from conftest import BACKBONE, run_stage, small_config, tree_bytes
 
 TOKENIZE, TEACHER = "tokenize_corpus.py", "teacher_logits.py"
 SMALL = {"model": {"num_layers": 2}, "teacher": {"batch_size": 4, "chunk_size": 200, "fidelity_positions": 8}}
@@ -79,18 +79,6 @@ def test_three_tasks_identical(reference, tmp_path, tracking_uri):
     for index in (1, 2, 0):
         run_stage(TEACHER, "--config", split, "--task-index", index, "--num-tasks", 3)
     assert tree_bytes(tmp_path / "split" / "teacher") == tree_bytes(run / "teacher")
-
-
-def test_sigkill_then_rerun_is_identical(tmp_path, tracking_uri, assets):
-    sections = {"data": {"budget_tokens": 16384, "sequences_per_shard": 4}}
-    whole, killed = (_config(tmp_path, tracking_uri, f"{n}.yaml", n, **sections) for n in ("whole", "killed"))
-    for config in (whole, killed):
-        run_stage(TOKENIZE, "--config", config)
-    run_stage(TEACHER, "--config", whole)
-    out = tmp_path / "killed" / "teacher"
-    kill_mid_stage(TEACHER, killed, out, after_shards=3, total=34)
-    run_stage(TEACHER, "--config", killed)
-    assert tree_bytes(out) == tree_bytes(tmp_path / "whole" / "teacher")
 
 
 def test_refuses_mismatched_or_corrupt_tokens(reference, tmp_path):

@@ -8,7 +8,7 @@ from pipeline.config import load_config
 from pipeline.errors import ShardError
 from pipeline.shards import MANIFEST, read_manifest, read_shard
 
-from conftest import BACKBONE, ROOT, kill_mid_stage, run_stage, tree_bytes
+from conftest import BACKBONE, ROOT, run_stage, tree_bytes
 
 STAGE = "tokenize_corpus.py"
 
@@ -76,19 +76,6 @@ def test_slurm_array_variables_pick_the_task(reference, write_config, tmp_path):
                "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1"}
         run_stage(STAGE, "--config", split, env=env)
     assert tree_bytes(tmp_path / "slurm" / "tokens") == tree_bytes(tokens)
-
-
-def test_sigkill_mid_stage_then_rerun_is_identical(write_config, tmp_path):
-    # many small shards so the kill lands while shards are being written
-    sections = {"data": {"budget_tokens": 300_000, "seq_len": 64, "sequences_per_shard": 16}}
-    total = 293 + 1  # train shards + the held-out shard
-    whole = write_config("whole.yaml", run_dir=tmp_path / "whole", **sections)
-    killed = write_config("killed.yaml", run_dir=tmp_path / "killed", **sections)
-    run_stage(STAGE, "--config", whole)
-    done = kill_mid_stage(STAGE, killed, tmp_path / "killed" / "tokens", after_shards=20, total=total)
-    rerun = run_stage(STAGE, "--config", killed)
-    assert f"{total - done} of {total} shards" in rerun.stdout  # only the missing shards are redone
-    assert tree_bytes(tmp_path / "killed" / "tokens") == tree_bytes(tmp_path / "whole" / "tokens")
 
 
 def test_rerun_with_other_tokenizer_or_data_is_refused(reference, tmp_path):
