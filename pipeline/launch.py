@@ -20,7 +20,7 @@ from pipeline.config import ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, completed_record
-from pipeline.tracking import PIPELINE_RUN, open_pipeline
+from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("tokenize", "teacher-logits", "train-exits", "evaluate")
@@ -41,9 +41,10 @@ def stage_command(stage: str, config: Path, overrides: list[str]) -> list[str]:
     return [str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
 
 
-def open_parent(cfg: Config, stages: list[str]) -> None:
-    """The whole chain is one pipeline execution: a parent MLflow run its stage runs nest under."""
-    if list(stages) == list(STAGES) and PIPELINE_RUN not in os.environ:
+def open_parent(cfg: Config) -> None:
+    """A run of the whole chain is one pipeline execution: a parent MLflow run its stage runs nest
+    under (the evaluate stage closes it)."""
+    if PIPELINE_RUN not in os.environ:
         os.environ[PIPELINE_RUN] = open_pipeline(cfg)
         print(f"pipeline: MLflow parent run {os.environ[PIPELINE_RUN]} in experiment {cfg.run.experiment!r}")
 
@@ -52,7 +53,8 @@ def open_parent(cfg: Config, stages: list[str]) -> None:
 
 
 def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[str], nproc: int) -> None:
-    open_parent(cfg, stages)
+    if stages == list(STAGES):
+        open_parent(cfg)
     for i, stage in enumerate(stages, 1):
         banner(f"[{i}/{len(stages)}] {stage}")
         started = time.perf_counter()
@@ -63,6 +65,7 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
         else:
             command, env = [sys.executable, *stage_command(stage, config, overrides)], None
         if subprocess.run(command, cwd=os.getcwd(), env=env).returncode != 0:
+            fail_pipeline(cfg)  # also when the stage refused its input before opening its own run
             raise PipelineError(f"stage {stage} failed; fix the cause and rerun: finished shards are kept")
         print(f"==> {stage} done in {time.perf_counter() - started:,.0f} s", flush=True)
 
@@ -114,14 +117,19 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     """Submit the stages that are not complete, each `afterok` on the previous one submitted."""
     logs = cfg.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    open_parent(cfg, stages)
-    env = {**os.environ, "BALCONY_ENV_SETUP": cluster.env_setup, "BALCONY_NUM_TASKS": str(cluster.array_tasks)}
-    os.environ.update(env)  # sbatch exports the submitter's environment to the job
-    jobs, previous = [], None
+    whole_chain = stages == list(STAGES)
     for stage in stages:
         if (cfg.run_dir / DONE[stage]).exists():
             print(f"pipeline: {stage} is complete ({cfg.run_dir / DONE[stage]}); not submitted")
-            continue
+    stages = [stage for stage in stages if not (cfg.run_dir / DONE[stage]).exists()]
+    if not stages:
+        return []
+    if whole_chain:
+        open_parent(cfg)
+    # sbatch exports the submitter's environment to the job: the parent run id, and these
+    os.environ.update(BALCONY_ENV_SETUP=cluster.env_setup, BALCONY_NUM_TASKS=str(cluster.array_tasks))
+    jobs, previous = [], None
+    for stage in stages:
         name = f"balcony-{stage}"
         args = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={os.getcwd()}", "--kill-on-invalid-dep=yes"]
         if previous:
@@ -148,7 +156,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
         previous = job_id
     record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "pipeline_run": os.environ.get(PIPELINE_RUN, ""),
               "slurm_conf": cluster.slurm_conf, "jobs": [asdict(j) for j in jobs]}
-    (logs / "jobs.json").write_text(json.dumps(record, indent=1))
+    (cfg.run_dir / JOBS_FILE).write_text(json.dumps(record, indent=1))
     return jobs
 
 

@@ -122,6 +122,13 @@ def close_pipeline(cfg: Config, metrics: dict[str, float], artifacts: list[Path]
     client.set_terminated(parent, "FINISHED")
 
 
+def fail_pipeline(cfg: Config) -> None:
+    """Mark the parent run (if this process belongs to one) FAILED."""
+    parent = os.environ.get(PIPELINE_RUN)
+    if parent:
+        _connect(cfg).MlflowClient().set_terminated(parent, "FAILED")
+
+
 @contextmanager
 def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True):
     if not enabled:
@@ -140,6 +147,5 @@ def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] =
             yield Tracker(mlflow)
         except BaseException:
             mlflow.end_run(status="FAILED")
-            if parent:  # the pipeline failed with its stage
-                mlflow.MlflowClient().set_terminated(parent, "FAILED")
+            fail_pipeline(cfg)  # the pipeline failed with its stage
             raise

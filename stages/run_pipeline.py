@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import launch
 from pipeline.config import load_cluster_config, load_config
 from pipeline.errors import PipelineError
+from pipeline.tracking import fail_pipeline
 
 
 def main(argv=None) -> int:
@@ -50,8 +51,9 @@ def main(argv=None) -> int:
             return 1 if failed else 0
         print(f"pipeline: jobs {' '.join(j.job_id for j in jobs) or '(none: all complete)'}; "
               f"logs in {cfg.run_dir / 'logs'}; `make status` shows them")
-        if args.wait and jobs:
-            return 0 if launch.wait(cluster, jobs) else 1
+        if args.wait and jobs and not launch.wait(cluster, jobs):
+            fail_pipeline(cfg)  # a job may have failed before its stage opened a run
+            return 1
         return 0
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -116,13 +116,19 @@ SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher": "teacher_logits.py", "tr
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
-    cfg = small_config(folder / name, tracking_uri, **TINY_PIPELINE)
+def config_file(folder: Path, tracking_uri: str, name: str, base: dict, **extra) -> Path:
+    """`small_config` updated by the `base` sections, then the `extra` ones; written to folder/NAME.yaml,
+    with run.dir folder/NAME."""
+    cfg = small_config(folder / name, tracking_uri, **base)
     for section, values in extra.items():
         cfg.setdefault(section, {}).update(values)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
+    return config_file(folder, tracking_uri, name, TINY_PIPELINE, **extra)
 
 
 def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1) -> list[str]:

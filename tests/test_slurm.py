@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, small_config, tree_bytes
+from conftest import ROOT, config_file, tree_bytes
 
 TINY = {
     "model": {"num_layers": 3},
@@ -42,12 +42,7 @@ def cluster(tmp_path_factory):
 
 
 def _config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
-    cfg = small_config(folder / name, tracking_uri, **TINY)
-    for section, values in extra.items():
-        cfg.setdefault(section, {}).update(values)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return config_file(folder, tracking_uri, name, TINY, **extra)
 
 
 def launch(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.backbone import backbone_fingerprint, load_backbone
 from pipeline.balcony import BalconyModel
 from pipeline.config import load_config
 
-from conftest import ROOT, losses_by_step, run_stage, small_config
+from conftest import ROOT, config_file, losses_by_step, run_stage
 
 BIN = Path(sys.executable).parent
 SCRIPT = str(ROOT / "stages" / "train_exits.py")
@@ -28,13 +27,8 @@ TINY = {
 }
 
 
-def _write(folder: Path, tracking_uri: str, run: str, **extra) -> Path:
-    cfg = small_config(folder / run, tracking_uri, **TINY)
-    for section, values in extra.items():
-        cfg.setdefault(section, {}).update(values)
-    path = folder / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _write(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
+    return config_file(folder, tracking_uri, name, TINY, **extra)
 
 
 def _clone_inputs(src: Path, dst: Path) -> None:
