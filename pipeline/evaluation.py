@@ -122,16 +122,20 @@ def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, n
 
 
 def markdown_table(rows: list[dict], batches: list[int]) -> str:
-    head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement"]
+    """One line per variant; an exit's line also shows the logit lens at its depth (the no-training baseline)."""
+    lens = {r["depth"]: r for r in rows if r["kind"] == "logit_lens"}
+    head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement", "logit lens here: KL, top-1"]
     head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        base = lens.get(row["depth"]) if row["kind"] == "balcony" else None
+        base = f"{base['kl_to_full']:.4f}, {base['top1_agreement']:.3f}" if base else "-"
         speed = [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
         ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
         spec = row.get("speculative")
         spec = f"{spec['acceptance_rate']:.2f}, {spec['speedup']:.2f}x" if spec else "-"
         lines.append(f"| {row['name']} | {row['relative_cost']:.3f} | {row['perplexity']:.2f} | {row['kl_to_full']:.4f} "
-                     f"| {row['top1_agreement']:.3f} | " + " | ".join(speed) + f" | {ideal} | {spec} |")
+                     f"| {row['top1_agreement']:.3f} | {base} | " + " | ".join(speed) + f" | {ideal} | {spec} |")
     return "\n".join(lines) + "\n"
 
 
