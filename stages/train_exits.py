@@ -173,14 +173,18 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
 
 def weights_only_checkpoint_engine(ds_config):
     """DeepSpeed's torch checkpoint engine, loading with weights_only=True: tensors, plain containers
-    and DeepSpeed's LossScaler (its ZeRO optimizer state holds one), never an arbitrary pickle
-    (DeepSpeed's own engine loads with weights_only=False)."""
+    and the few DeepSpeed classes its checkpoints hold, never an arbitrary pickle (DeepSpeed's own
+    engine loads with weights_only=False)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
     class Engine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals([LossScaler]):
+            with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return Engine(ds_config)

@@ -88,6 +88,15 @@ def test_zero3_under_torchrun_gives_the_same_losses(prepared, zero2, tmp_path, t
         a = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", ours[step])]
         b = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", reference[step])]
         assert a == pytest.approx(b, rel=1e-4), step
+    # resume from ZeRO-3's step-6 checkpoint (partitioned states, loaded with weights_only=True)
+    exits = tmp_path / "z3" / "exits"
+    weights = (exits / "exits.safetensors").read_bytes()
+    for name in ("exits.safetensors", "balcony_config.json"):
+        (exits / name).unlink()
+    (exits / "checkpoints" / "latest").write_text("step00000006")
+    resumed = deepspeed(config, launcher="torchrun")
+    assert "at step 6" in resumed.stdout and losses_by_step(resumed.stdout) == {s: ours[s] for s in (7, 8)}
+    assert (exits / "exits.safetensors").read_bytes() == weights
 
 
 def test_single_process_online_teacher(prepared, tmp_path, tracking_uri):
