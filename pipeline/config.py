@@ -208,7 +208,7 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])[2:]}s"
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
     return tp.__name__
 
 
