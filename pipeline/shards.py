@@ -49,7 +49,7 @@ def _receipt_path(shard: Path) -> Path:
     return shard.parent / PARTS / f"{shard.name}.json"
 
 
-def _atomic_write(path: Path, data: bytes, shared: bool = False) -> None:
+def atomic_write(path: Path, data: bytes, shared: bool = False) -> None:
     """Write under a temporary name, then rename. A shard or receipt has one writer (tasks own
     disjoint shards), so a leftover temp of it is from a killed run and goes; the header and the
     manifest are `shared` by concurrent tasks (same content), so theirs are left alone."""
@@ -102,8 +102,8 @@ def write_shard(stage_dir: Path, split: str, index: int, samples: Iterable[dict]
         file=str(path.relative_to(stage_dir)), samples=count, tokens=tokens, bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-    _atomic_write(path, data)
-    _atomic_write(_receipt_path(path), json.dumps(asdict(record)).encode())
+    atomic_write(path, data)
+    atomic_write(_receipt_path(path), json.dumps(asdict(record)).encode())
     return record
 
 
@@ -138,7 +138,7 @@ def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
                              f"use another run.dir or delete {stage_dir}")
         return
     if write:
-        _atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode(), shared=True)
+        atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode(), shared=True)
 
 
 def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int]) -> dict | None:
@@ -155,7 +155,7 @@ def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int
             "bytes": sum(r.bytes for r in records),
         }
     manifest = {**header, "format_version": FORMAT_VERSION, "splits": splits}
-    _atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), shared=True)
+    atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), shared=True)
     return manifest
 
 

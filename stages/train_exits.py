@@ -34,7 +34,7 @@ from pipeline.balcony import BalconyModel
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import init_distributed
 from pipeline.losses import exit_losses
-from pipeline.shards import claim_directory, manifest_hash, read_manifest
+from pipeline.shards import atomic_write, claim_directory, manifest_hash, read_manifest
 from pipeline.stage import run_stage
 from pipeline.targets import TargetFormat
 from pipeline.tracking import stage_run
@@ -192,10 +192,12 @@ def weights_only_checkpoint_engine(ds_config):
 
 def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> None:
     """Exit weights, optimizer, scheduler and RNG; the data position is the step itself."""
-    engine.save_checkpoint(str(folder), tag=f"step{step:08d}", client_state={"step": step, "rng": torch.get_rng_state()},
-                           exclude_frozen_parameters=True)
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "rng": torch.get_rng_state()},
+                           exclude_frozen_parameters=True, save_latest=False)
     dist.barrier()
-    if rank == 0:  # DeepSpeed moves `latest` only after a complete save, so older tags are safe to prune
+    if rank == 0:  # `latest` moves (atomically; DeepSpeed's own write is not) once every rank has saved
+        atomic_write(folder / "latest", tag.encode())
         for old in sorted(folder.glob("step*"))[:-keep]:
             shutil.rmtree(old)
 

@@ -90,9 +90,9 @@ def test_kills_in_train_exits(finished_run, tmp_path, tracking_uri, ledger):
         shutil.copytree(run_dir / stage, tmp_path / "killed" / stage)
     exits = tmp_path / "killed" / "exits"
 
-    def step() -> int:
+    def step() -> int:  # `latest` is replaced atomically: it always names a complete checkpoint
         latest = exits / "checkpoints" / "latest"
-        return int(latest.read_text().strip().removeprefix("step")) if latest.exists() else 0
+        return int(latest.read_text().removeprefix("step")) if latest.exists() else 0
 
     def not_exported():
         assert not (exits / "balcony_config.json").exists() and not (exits / "exits.safetensors").exists()

@@ -121,6 +121,6 @@ def test_atomic_write_never_exposes_partial_file(tmp_path, monkeypatch):
         raise OSError("injected failure before rename")
 
     monkeypatch.setattr(os, "replace", no_rename)
-    with pytest.raises(OSError):
-        shards._atomic_write(target, b"new contents")
+    with pytest.raises(ShardError, match=r"f.bin: write failed \(injected failure before rename\)"):
+        shards.atomic_write(target, b"new contents")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
