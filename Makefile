@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo pipeline status test bench mlflow-ui slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study pipeline status test bench mlflow-ui slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
 
 help:
@@ -49,6 +49,8 @@ help:
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=2] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
+	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
+	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
 
 setup: $(STAMP)
 
@@ -71,7 +73,7 @@ assets: setup
 stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate: stage-%: assets
 	$(LAUNCH) --stages $* --nproc $(NPROC) $(ARGS)
 
-# train-exits in place: one process per GPU, or NPROC gloo ranks of one thread each on CPU.
+# train-exits in place: one process per GPU, or NPROC gloo ranks sharing the CPU cores on CPU.
 NPROC ?= 2
 
 # All four stages in order under one MLflow parent run; with CLUSTER=slurm, a chain of jobs
@@ -82,13 +84,26 @@ pipeline: assets
 status:
 	$(LAUNCH) --status $(ARGS)
 
+# One rank of 2 threads: the demo recipe's 512-token steps are one sequence each.
 demo: assets
-	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER=
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1
 	@echo
 	@echo "demo: table   runs/demo/eval/table.md"
 	@echo "demo: plot    runs/demo/eval/plot.png"
 	@echo "demo: metrics runs/demo/eval/metrics.json"
 	@echo "demo: MLflow  runs/mlflow.db; browse it with 'make mlflow-ui', then open http://$(MLFLOW_HOST):$(MLFLOW_PORT)"
+
+# The demo's run plus the CE-trained exits (EE-Tuning) from the same tokens: train-exits trains
+# only what is missing (RUN/baselines/ce), evaluate scores everything side by side.
+compare: assets
+	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1 ARGS="train.baselines=[tuned_lens,ce] $(ARGS)"
+
+# The recipe study (bench/exit_study.py): its data once, then each recipe row (skipped when done).
+STUDY_DIR ?= runs/study
+study: assets
+	$(PY) stages/run_pipeline.py --config bench/study.yaml --stages tokenize,teacher-logits run.dir=$(STUDY_DIR) \
+	  $$($(PY) -c 'import sys; sys.path.insert(0, "bench"); import exit_study; print(" ".join(exit_study.STUDY_DATA))')
+	$(PY) bench/exit_study.py --base $(STUDY_DIR) $(if $(ROWS),--rows $(ROWS))
 
 # The real MLflow server and UI over the run root's store, on 127.0.0.1 unless MLFLOW_HOST says otherwise.
 mlflow-ui: setup

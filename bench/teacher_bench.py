@@ -4,7 +4,7 @@
 
 Every figure is a ratio or a size measured in this run on this machine; no absolute time is
 compared with anything recorded elsewhere. With CUDA present it also times a LLaMA-3-8B-shaped
-randomly initialised model in bf16 (batch 8 x 2048), the setting of ../shared/notes/anchors.md.
+randomly initialised model in bf16 (batch 8 x 2048).
 """
 from __future__ import annotations
 

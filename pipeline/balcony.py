@@ -2,9 +2,19 @@
 
 The exit at depth k reads the hidden state after layers[:k] and applies
 
-    one decoder layer (same class and config as the backbone's, initialised from the LAST layer)
-    -> its own RMSNorm (initialised from layers[k].input_layernorm, as the authors' code does)
+    one decoder layer (same class and config as the backbone's)
+    -> its own norm
     -> the backbone's frozen, shared LM head.
+
+How the exit starts (`exits.init`):
+- `last_layer` (the paper's): a copy of the LAST layer, the norm from layers[k].input_layernorm
+  (as the authors' code does);
+- `next_layer`: a copy of layers[k], the layer that follows the exit in the backbone, and of the
+  final norm: before training, exit k is exactly the logit lens at depth k+1.
+
+`exits.kind: tuned_lens` replaces the decoder layer by an affine map h + Ah + b (A, b zero at
+init) into a frozen copy of the final norm: the tuned lens (Belrose et al., 2023), the cheap probe
+a Balcony exit must beat, trained by the same stage on the same targets.
 
 One pass through the backbone prefix serves every exit: the forward branches off at each depth
 and, when the full model's output is not needed, stops at the deepest exit.
@@ -46,24 +56,53 @@ def check_depths(depths: list[int], num_layers: int) -> None:
                               f"for a backbone of {num_layers} layers")
 
 
+KINDS = ("balcony", "tuned_lens")
+INITS = ("last_layer", "next_layer")
+
+
 class Exit(nn.Module):
     def __init__(self, layer: nn.Module, norm: nn.Module):
         super().__init__()
         self.layer, self.norm = layer, norm
 
 
+class AffineTranslator(nn.Module):
+    """The tuned lens's translator: h + A h + b, zero at init (so it starts as the logit lens).
+    Takes a decoder layer's keyword arguments and ignores them: it sees one position at a time."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor, **_) -> torch.Tensor:
+        return hidden + self.proj(hidden)
+
+
+def make_exit(backbone, depth: int, kind: str, init: str) -> Exit:
+    inner = backbone.model
+    if kind == "tuned_lens":
+        norm = copy.deepcopy(inner.norm).requires_grad_(False)  # the lens reads through the model's own norm
+        translator = AffineTranslator(backbone.config.hidden_size).to(inner.norm.weight.dtype)
+        return Exit(translator.requires_grad_(True), norm)
+    if init == "next_layer":
+        layer, norm = inner.layers[depth], inner.norm
+    else:
+        layer, norm = inner.layers[-1], inner.layers[depth].input_layernorm
+    return Exit(copy.deepcopy(layer), copy.deepcopy(norm)).requires_grad_(True)
+
+
 class BalconyModel(nn.Module):
-    def __init__(self, backbone, depths: list[int]):
+    def __init__(self, backbone, depths: list[int], kind: str = "balcony", init: str = "last_layer"):
         super().__init__()
         check_supported(backbone)
         layers = backbone.model.layers
         check_depths(depths, len(layers))
+        if kind not in KINDS or init not in INITS:
+            raise ConfigError(f"exits: kind must be one of {KINDS} and init one of {INITS}, got {kind!r}, {init!r}")
         backbone.requires_grad_(False)
-        self.backbone, self.depths = backbone, sorted(depths)
-        self.exits = nn.ModuleDict({
-            str(k): Exit(copy.deepcopy(layers[-1]), copy.deepcopy(layers[k].input_layernorm)) for k in self.depths
-        })
-        self.exits.requires_grad_(True)
+        self.backbone, self.depths, self.kind = backbone, sorted(depths), kind
+        self.exits = nn.ModuleDict({str(k): make_exit(backbone, k, kind, init) for k in self.depths})
         for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
             for module in exit_.layer.modules():
                 if hasattr(module, "layer_idx"):
@@ -173,15 +212,15 @@ class BalconyModel(nn.Module):
         return {f"{k}.{name}": p.detach().contiguous().cpu() for k, exit_ in self.exits.items()
                 for name, p in exit_.state_dict().items()}
 
-    def save_exits(self, folder: Path, backbone_fingerprint: str) -> None:
+    def save_exits(self, folder: Path, backbone_fingerprint: str, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.exit_state_dict(), str(folder / WEIGHTS))
         (folder / WEIGHTS).chmod(0o644)
         meta = {"format_version": FORMAT_VERSION, "backbone_fingerprint": backbone_fingerprint,
-                "depths": self.depths, "num_layers": self.num_layers,
-                "exit_layer": type(self.backbone.model.layers[-1]).__name__}
+                "depths": self.depths, "num_layers": self.num_layers, "kind": self.kind,
+                "exit_layer": type(next(iter(self.exits.values())).layer).__name__, **(extra or {})}
         (folder / CONFIG).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -202,7 +241,8 @@ class BalconyModel(nn.Module):
                              f"this backbone's is {backbone_fingerprint!r}")
         if depths is not None and sorted(depths) != sorted(meta["depths"]):
             raise InputError(f"{exits_dir / CONFIG}: depths is {meta['depths']}, this config's exits.depths is {depths}")
-        model = cls(backbone, meta["depths"])
+        model = cls(backbone, meta["depths"], kind=meta.get("kind", "balcony"))
+        model.meta = meta
         state = load_file(str(exits_dir / WEIGHTS))
         missing, unexpected = model.exits.load_state_dict(state, strict=False)
         if missing or unexpected:

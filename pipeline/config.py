@@ -91,6 +91,11 @@ class DataConfig:
 @dataclass
 class ExitsConfig:
     depths: list[int] = field(default_factory=list)  # exit k reads the hidden state after layers[:k]
+    # balcony: a decoder layer + norm per exit; tuned_lens: an affine map into the frozen final norm (a baseline)
+    kind: Literal["balcony", "tuned_lens"] = "balcony"
+    # last_layer: copy of the last layer + layers[k].input_layernorm (the paper's); next_layer: copy of
+    # layers[k] + the final norm (starts as the logit lens at depth k+1)
+    init: Literal["last_layer", "next_layer"] = "last_layer"
 
     def validate(self, path: str) -> None:
         if any(k < 1 for k in self.depths):
@@ -115,15 +120,22 @@ class TeacherConfig:
 @dataclass
 class TrainConfig:
     lr: float = _num(5e-4, gt=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine: decay over all steps after warmup; wsd: warmup-stable-decay (constant, then a linear
+    # decay over the last decay_fraction of the steps); constant: no decay
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_fraction: float = _num(0.01, ge=0.0, lt=1.0)
+    decay_fraction: float = _num(0.2, gt=0.0, le=1.0, doc="wsd: share of the steps in the final decay")
     min_lr_ratio: float = _num(0.0, ge=0.0, le=1.0)
     weight_decay: float = _num(0.0, ge=0.0)
+    adam_beta2: float = _num(0.999, gt=0.0, lt=1.0, doc="AdamW's second-moment decay (0.95 adapts faster in short runs)")
     grad_clip: float = _num(1.0, ge=0.0)
     tokens_per_step: int = _num(1_048_576, gt=0, doc="global batch in tokens")
     micro_batch_size: int = _num(8, gt=0, doc="sequences per process per micro-step")
     zero_stage: int = _num(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # bf16 autocast of the matmuls (backbone prefix, exits, head) with fp32 weights and losses: ~2x on
+    # CPUs with avx512_bf16 / AMX; on a GPU, precision=bf16 already runs in bf16
+    autocast_bf16: bool = False
     checkpoint_every: int = _num(200, gt=0, doc="optimizer steps")
     keep_checkpoints: int = _num(2, gt=0)
     max_steps: int = _num(0, ge=0, doc="0: one pass over the cached targets")
@@ -131,7 +143,17 @@ class TrainConfig:
     num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
     online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
     objective: Literal["kl", "ce"] = "kl"  # ce: next-token cross-entropy (the EE-Tuning baseline)
+    # baselines trained after the exits, same data and recipe, into RUN/baselines/NAME: tuned_lens
+    # (exits.kind=tuned_lens) and ce (train.objective=ce); evaluate scores them beside the exits
+    baselines: list[Literal["tuned_lens", "ce"]] = field(default_factory=list)
     seed: int = _num(0, ge=0)
+
+    def validate(self, path: str) -> None:
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ConfigError(f"{path}.baselines: duplicate names in {self.baselines}")
+        if self.baselines and self.zero_stage == 3:  # a second engine cannot re-partition the shared backbone
+            raise ConfigError(f"{path}.baselines: not with {path}.zero_stage 3; train them in a run of their own "
+                              f"(train.objective=ce or exits.kind=tuned_lens) and name it in eval.baselines")
 
 
 @dataclass
@@ -139,7 +161,14 @@ class EvalConfig:
     max_sequences: int = _num(0, ge=0, doc="held-out sequences to score; 0: all")
     batch_size: int = _num(4, gt=0)
     chunk_size: int = _num(1024, gt=0)
-    baseline_exits: str = ""  # exits trained with train.objective=ce, shown beside the Balcony exits
+    # exported baselines (RUN/exits folders) scored beside the Balcony exits: a tuned lens
+    # (exits.kind=tuned_lens) and/or exits trained with train.objective=ce
+    baselines: list[str] = field(default_factory=list)
+    speed: bool = True  # measure decode latency and self-speculative decoding (false: quality only)
+    # more data to score quality on, beside this run's held-out tokens: a tokenize output folder
+    # (another run's RUN/tokens: its held-out split) or text files (.jsonl/.json/.txt/.parquet, globs)
+    data: list[str] = field(default_factory=list)
+    data_tokens: int = _num(16384, gt=0, doc="tokens scored from each eval.data entry")
     prompt_tokens: int = _num(32, gt=0, doc="decode latency: prompt length")
     new_tokens: int = _num(32, ge=2, doc="decode latency: tokens generated")
     latency_batches: list[int] = field(default_factory=lambda: [1, 8])
@@ -163,6 +192,23 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def reads_cached_targets(self) -> bool:
+        """Whether any exits train-exits trains read RUN/teacher (else the teacher stage has no reader)."""
+        return any(c.train.objective == "kl" and not c.train.online_teacher for _, c, _ in self.exit_runs())
+
+    def exit_runs(self) -> list[tuple[str, "Config", Path]]:
+        """What train-exits trains: (name, recipe, output folder) for the exits, then each baseline.
+        Each recipe has no baselines of its own, so adding one later leaves the exits' hash alone."""
+        main = dataclasses.replace(self, train=dataclasses.replace(self.train, baselines=[]))
+        runs = [("exits", main, self.run_dir / "exits")]
+        for name in self.train.baselines:
+            if name == "tuned_lens":
+                variant = dataclasses.replace(main, exits=dataclasses.replace(main.exits, kind="tuned_lens"))
+            else:
+                variant = dataclasses.replace(main, train=dataclasses.replace(main.train, objective="ce"))
+            runs.append((name, variant, self.run_dir / "baselines" / name))
+        return runs
 
     def hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): what a stage's output depends on."""

@@ -5,7 +5,9 @@ Variants scored on held-out sequences, all from one backbone pass per batch:
 - `exit@k`: the Balcony exits (layers[:k] + exit layer + exit norm + head; cost (k+1)/L);
 - `lens@k`: the logit lens (the backbone's final norm + head on the hidden state after k layers;
   cost k/L): what the exit layer buys over no exit layer at all;
-- `ce@k`: exits trained on next-token cross-entropy instead of KL (EE-Tuning), when configured.
+- baselines trained by the same stage on the same data, when `eval.baselines` names them:
+  `tuned@k`, the tuned lens (an affine map into the final norm and head; cost k/L), and `ce@k`,
+  exits trained on next-token cross-entropy instead of KL (EE-Tuning; cost (k+1)/L).
 
 Metrics per variant: perplexity on the next token, KL(full || variant) per token over the full
 vocabulary, and top-1 agreement with the full model; all computed chunk by chunk.
@@ -37,30 +39,46 @@ class Variant:
                 "top1_agreement": self.sums["agree"] / self.counts["kl"]}
 
 
-def variants_of(model: BalconyModel, baseline: BalconyModel | None) -> list[Variant]:
+BASELINE_KINDS = {"tuned_lens": ("tuned", 0), "ce_exit": ("ce", 1)}  # kind: (name prefix, layers beyond depth k)
+
+
+def baseline_kind(baseline: BalconyModel) -> str:
+    """What exported exits are, from their balcony_config.json: a tuned lens, or CE-trained exits."""
+    if baseline.kind == "tuned_lens":
+        return "tuned_lens"
+    if baseline.meta.get("objective") == "ce":
+        return "ce_exit"
+    raise ValueError("eval.baselines: only a tuned lens (exits.kind=tuned_lens) or CE-trained exits "
+                     f"(train.objective=ce) are baselines; got {baseline.kind} exits trained on {baseline.meta.get('objective')}")
+
+
+def variants_of(model: BalconyModel, baselines: list[BalconyModel]) -> list[Variant]:
     layers = model.num_layers
     out = [Variant("full", "full", layers, 1.0)]
     out += [Variant(f"exit@{k}", "balcony", k, (k + 1) / layers) for k in model.depths]
     out += [Variant(f"lens@{k}", "logit_lens", k, k / layers) for k in model.depths]
-    if baseline is not None:
-        out += [Variant(f"ce@{k}", "ce_exit", k, (k + 1) / layers) for k in baseline.depths]
+    for baseline in baselines:
+        kind = baseline_kind(baseline)
+        prefix, extra = BASELINE_KINDS[kind]
+        out += [Variant(f"{prefix}@{k}", kind, k, (k + extra) / layers) for k in baseline.depths]
     return out
 
 
 @torch.no_grad()
-def score_batch(model: BalconyModel, baseline: BalconyModel | None, variants: list[Variant],
+def score_batch(model: BalconyModel, baselines: list[BalconyModel], variants: list[Variant],
                 input_ids: torch.Tensor, chunk: int) -> None:
     """Add one batch [B, T] to every variant's sums."""
     taps: dict[int, torch.Tensor] = {}
     exits, final = model(input_ids, full=True, taps=taps)
-    ce_exits = baseline(input_ids)[0] if baseline is not None else {}
     n = input_ids.numel()
     labels = next_token_labels(input_ids)
     norm, head = model.backbone.model.norm, model.lm_head
     hidden = {"full": final}
     hidden.update({f"exit@{k}": h for k, h in exits.items()})
     hidden.update({f"lens@{k}": norm(h) for k, h in taps.items()})
-    hidden.update({f"ce@{k}": h for k, h in ce_exits.items()})
+    for baseline in baselines:
+        prefix = BASELINE_KINDS[baseline_kind(baseline)][0]
+        hidden.update({f"{prefix}@{k}": h for k, h in baseline(input_ids)[0].items()})
     flat = {name: h.reshape(n, -1) for name, h in hidden.items()}
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -122,20 +140,23 @@ def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, n
 
 
 def markdown_table(rows: list[dict], batches: list[int]) -> str:
-    """One line per variant; an exit's line also shows the logit lens at its depth (the no-training baseline)."""
+    """One line per variant; an exit's line also shows the logit lens at its depth (the no-training
+    baseline). Speed columns only when speed was measured (`batches`)."""
     lens = {r["depth"]: r for r in rows if r["kind"] == "logit_lens"}
     head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement", "logit lens here: KL, top-1"]
-    head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)"]
+    if batches:
+        head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         base = lens.get(row["depth"]) if row["kind"] == "balcony" else None
-        base = f"{base['kl_to_full']:.4f}, {base['top1_agreement']:.3f}" if base else "-"
-        speed = [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
-        ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
-        spec = row.get("speculative")
-        spec = f"{spec['acceptance_rate']:.2f}, {spec['speedup']:.2f}x" if spec else "-"
-        lines.append(f"| {row['name']} | {row['relative_cost']:.3f} | {row['perplexity']:.2f} | {row['kl_to_full']:.4f} "
-                     f"| {row['top1_agreement']:.3f} | {base} | " + " | ".join(speed) + f" | {ideal} | {spec} |")
+        cells = [row["name"], f"{row['relative_cost']:.3f}", f"{row['perplexity']:.2f}", f"{row['kl_to_full']:.4f}",
+                 f"{row['top1_agreement']:.3f}", f"{base['kl_to_full']:.4f}, {base['top1_agreement']:.3f}" if base else "-"]
+        if batches:
+            spec = row.get("speculative")
+            cells += [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
+            cells += [f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-",
+                      f"{spec['acceptance_rate']:.2f}, {spec['speedup']:.2f}x" if spec else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +168,8 @@ def plot(rows: list[dict], path) -> None:
 
     fig, (kl_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"balcony": ("Balcony exits", "o-", "tab:blue"), "logit_lens": ("logit lens", "s--", "tab:gray"),
-              "ce_exit": ("CE-trained exits", "^-.", "tab:orange"), "full": ("full model", "*", "tab:red")}
+              "tuned_lens": ("tuned lens", "D:", "tab:green"), "ce_exit": ("CE-trained exits", "^-.", "tab:orange"),
+              "full": ("full model", "*", "tab:red")}
     for kind, (label, style, color) in styles.items():
         chosen = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["relative_cost"])
         if not chosen:

@@ -30,6 +30,22 @@ SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher-logits": "teacher_logits.p
 OUTPUTS = {"tokenize": "tokens", "teacher-logits": "teacher", "train-exits": "exits", "evaluate": "eval"}
 DONE = {"tokenize": f"tokens/{MANIFEST}", "teacher-logits": f"teacher/{MANIFEST}",
         "train-exits": "exits/balcony_config.json", "evaluate": "eval/metrics.json"}
+
+
+def needed(cfg: Config, stage: str) -> bool:
+    """teacher-logits only runs when something reads its targets (not with train.online_teacher)."""
+    if stage == "teacher-logits" and not cfg.reads_cached_targets():
+        print("==> teacher-logits skipped: the exits train against the backbone's own forward "
+              "(train.online_teacher), so nothing reads cached targets", flush=True)
+        return False
+    return True
+
+
+def is_done(cfg: Config, stage: str) -> bool:
+    """What a finished stage leaves behind exists (train-exits: the exits and every baseline)."""
+    if stage == "train-exits":
+        return all((folder / "balcony_config.json").exists() for _, _, folder in cfg.exit_runs())
+    return (cfg.run_dir / DONE[stage]).exists()
 JOBS_FILE = "logs/jobs.json"
 
 
@@ -57,11 +73,14 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
         open_parent(cfg)
     for i, stage in enumerate(stages, 1):
         banner(f"[{i}/{len(stages)}] {stage}")
+        if not needed(cfg, stage):
+            continue
         started = time.perf_counter()
-        if stage == "train-exits":  # one process per GPU, or nproc gloo ranks of one thread each on CPU
+        if stage == "train-exits":  # one process per GPU, or nproc gloo ranks sharing the CPU cores
             command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                        *stage_command(stage, config, overrides)]
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            threads = str(max(1, (os.cpu_count() or 1) // nproc))  # more threads than cores: 25-100x slower
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         else:
             command, env = [sys.executable, *stage_command(stage, config, overrides)], None
         if subprocess.run(command, cwd=os.getcwd(), env=env).returncode != 0:
@@ -119,9 +138,9 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     logs.mkdir(parents=True, exist_ok=True)
     whole_chain = stages == list(STAGES)
     for stage in stages:
-        if (cfg.run_dir / DONE[stage]).exists():
+        if is_done(cfg, stage):
             print(f"pipeline: {stage} is complete ({cfg.run_dir / DONE[stage]}); not submitted")
-    stages = [stage for stage in stages if not (cfg.run_dir / DONE[stage]).exists()]
+    stages = [stage for stage in stages if not is_done(cfg, stage) and needed(cfg, stage)]
     if not stages:
         return []
     if whole_chain:

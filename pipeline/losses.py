@@ -1,7 +1,12 @@
-"""Distillation losses against sparse teacher targets, and the exact KL for an online teacher.
+"""Distillation losses against teacher targets, with their gradients computed in closed form.
 
-`kl_to_target` and `exact_kl` take one chunk of positions ([n, V] student logits).
-`chunked_kl_sum` runs them over a whole batch of hidden states chunk by chunk, computing each
+Every loss here is a per-position KL(teacher || student) (cross-entropy on the tokens is the
+special case of a one-hot teacher), so its gradient with respect to the student's logits is
+`total_mass * q - teacher_mass`, with q = softmax(logits). Writing that gradient down instead of
+asking autograd for it saves a handful of [n, V] passes per chunk (two logsumexps, a scatter copy
+and their backward), which on CPU is most of a chunk's time outside the head's two matmuls.
+
+`chunked_kl_sum` runs a loss over a whole batch of hidden states chunk by chunk, computing each
 chunk's gradient on the spot, so [batch, seq, vocab] float32 logits never exist at once, in the
 forward or the backward pass.
 """
@@ -13,21 +18,40 @@ import torch
 
 from pipeline.targets import SparseTarget, TargetFormat
 
+TINY = 1e-30  # floor for a student's mass outside the top-k ids (its log is taken)
 
-def kl_to_target(student_logits: torch.Tensor, target: SparseTarget) -> torch.Tensor:
-    """Per-position forward KL(teacher || student) as the target encodes it: [n, V] -> [n].
+
+def sparse_kl(student_logits: torch.Tensor, target: SparseTarget,
+              with_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position KL(teacher || student) as the target encodes it, [n, V] -> [n], and, when
+    `with_grad`, its gradient with respect to the logits ([n, V] fp32).
 
     Top-k: exact KL between the (top-k + rest bucket) coarse-grainings of both distributions.
     Sampled: the unbiased Monte-Carlo estimate mean_j(log p(x_j) - log q(x_j)).
+    One-hot (weights 1, log-probs 0): next-token cross-entropy.
     """
-    logits = student_logits.float()
-    lse = logits.logsumexp(-1, keepdim=True)
-    student_at_ids = logits.gather(-1, target.ids) - lse
-    kl = (target.weights * (target.logprobs - student_at_ids)).sum(-1)
-    if target.rest is not None:
-        student_rest = logits.scatter(-1, target.ids, float("-inf")).logsumexp(-1) - lse.squeeze(-1)
-        kl = kl + torch.xlogy(target.rest, target.rest) - target.rest * student_rest
-    return kl
+    logq = student_logits.float().log_softmax(-1)
+    kl = (target.weights * (target.logprobs - logq.gather(-1, target.ids))).sum(-1)
+    if target.rest is None and not with_grad:
+        return kl, None
+    q = logq.exp_()  # in place: the log-probs at the ids are all the KL needed
+    total = target.weights.sum(-1) + (0 if target.rest is None else target.rest)  # the teacher's mass (1 but for
+    if target.rest is None:                                                        # a one-hot with no label)
+        grad = q.mul_(total.unsqueeze(-1)).scatter_add_(-1, target.ids, -target.weights) if with_grad else None
+        return kl, grad
+    q_at_ids = q.gather(-1, target.ids)
+    q_rest = q.scatter_(-1, target.ids, 0.0).sum(-1).clamp_(min=TINY)  # a sum over the rest: no cancellation
+    kl = kl + torch.xlogy(target.rest, target.rest) - target.rest * q_rest.log()
+    if not with_grad:
+        return kl, None
+    # outside the ids: d/dz_j = q_j (total - rest / q_rest); at an id i: q_i total - p_i
+    grad = q.mul_((total - target.rest / q_rest).unsqueeze(-1))
+    return kl, grad.scatter_(-1, target.ids, q_at_ids * total.unsqueeze(-1) - target.weights)
+
+
+def kl_to_target(student_logits: torch.Tensor, target: SparseTarget) -> torch.Tensor:
+    """Per-position KL(teacher || student) as the target encodes it: [n, V] -> [n]."""
+    return sparse_kl(student_logits, target)[0]
 
 
 def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
@@ -35,9 +59,17 @@ def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
     return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
 
 
+def full_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor,
+            with_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Full-vocabulary KL(p || q) per position, q given as logits, and its gradient q - p."""
+    logq = student_logits.float().log_softmax(-1)
+    kl = kl_from_logprobs(teacher_logprobs, logq)
+    return kl, (logq.exp_().sub_(teacher_logprobs.exp()) if with_grad else None)
+
+
 def exact_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary KL(p || q) per position, q given as logits: [n, V] x [n, V] -> [n]."""
-    return kl_from_logprobs(teacher_logprobs, student_logits.float().log_softmax(-1))
+    return full_kl(teacher_logprobs, student_logits)[0]
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -45,35 +77,51 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
 
 
+def one_hot_target(labels: torch.Tensor) -> SparseTarget:
+    """Next-token labels as a target whose KL is the cross-entropy; label -100 weighs nothing."""
+    known = labels != -100
+    ids = labels.clamp(min=0).unsqueeze(-1)
+    return SparseTarget(ids, torch.zeros(ids.shape), known.float().unsqueeze(-1), rest=None)
+
+
+# loss_of_chunk(student_logits, start, stop, with_grad) -> (per-position loss [n], d loss / d logits or None)
+ChunkLoss = Callable[[torch.Tensor, int, int, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 class _ChunkedKL(torch.autograd.Function):
-    """sum_positions KL over [n, d] hidden states; the backward returns the gradients computed
-    chunk by chunk during the forward (the head is frozen: only the hidden states need one)."""
+    """Per-input sums over positions of a loss of `head(hidden)`, for several [n, d] hidden states
+    (one per exit); the backward returns the gradients computed chunk by chunk during the forward
+    (the head is frozen: only the hidden states need one). Chunks are the outer loop, so what a
+    chunk's loss needs from the teacher is made once for every exit."""
 
     @staticmethod
-    def forward(ctx, hidden, head, kl_of_chunk, chunk):
-        grads = torch.zeros_like(hidden) if hidden.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            stop = min(start + chunk, hidden.shape[0])
-            piece = hidden[start:stop].detach().requires_grad_(grads is not None)
-            with torch.enable_grad():
-                kl = kl_of_chunk(head(piece), start, stop).sum()
-            if grads is not None:
-                grads[start:stop] = torch.autograd.grad(kl, piece)[0]
-            total += kl.detach()
-        ctx.save_for_backward(grads)
-        return total
+    def forward(ctx, head, loss_of_chunk, chunk, *hidden):
+        grads = [torch.zeros_like(h) if h.requires_grad else None for h in hidden]
+        totals = torch.zeros(len(hidden), dtype=torch.float32, device=hidden[0].device)
+        for start in range(0, hidden[0].shape[0], chunk):
+            stop = min(start + chunk, hidden[0].shape[0])
+            for i, (h, grad) in enumerate(zip(hidden, grads)):
+                piece = h[start:stop].detach().requires_grad_(grad is not None)
+                with torch.enable_grad():
+                    logits = head(piece)
+                loss, grad_logits = loss_of_chunk(logits.detach(), start, stop, grad is not None)
+                if grad is not None:  # through the head (bf16 under autocast) back to the hidden states
+                    grad[start:stop] = torch.autograd.grad(logits, piece, grad_logits.to(logits.dtype))[0]
+                totals[i] += loss.sum()
+        ctx.save_for_backward(*grads)
+        return totals
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (grads,) = ctx.saved_tensors
-        return grad_output * grads, None, None, None
+    def backward(ctx, grad_totals):
+        grads = [None if g is None else grad_totals[i] * g for i, g in enumerate(ctx.saved_tensors)]
+        return (None, None, None, *grads)
 
 
-def chunked_kl_sum(hidden: torch.Tensor, head: torch.nn.Module,
-                   kl_of_chunk: Callable[[torch.Tensor, int, int], torch.Tensor], chunk: int) -> torch.Tensor:
-    """Sum over positions of `kl_of_chunk(student_logits[start:stop], start, stop)` for [n, d] hidden."""
-    return _ChunkedKL.apply(hidden, head, kl_of_chunk, chunk)
+def chunked_kl_sum(hidden: list[torch.Tensor], head: torch.nn.Module, loss_of_chunk: ChunkLoss,
+                   chunk: int) -> torch.Tensor:
+    """[len(hidden)]: for each [n, d] hidden state, the sum over positions of
+    `loss_of_chunk(head(hidden[start:stop]), start, stop, ...)`."""
+    return _ChunkedKL.apply(head, loss_of_chunk, chunk, *hidden)
 
 
 def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
@@ -89,24 +137,24 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
     positions = input_ids.numel()
     online = objective == "kl" and fmt is None
     exits, final = forward(input_ids, full=online)
-    if objective == "ce":
-        labels = next_token_labels(input_ids)
+    if online:
+        teacher_hidden, teacher = final.reshape(positions, -1), {}
 
-        def loss_of_chunk(logits, start, stop):
-            return torch.nn.functional.cross_entropy(logits.float(), labels[start:stop], reduction="none")
-        positions = int((labels != -100).sum())
-    elif online:
-        teacher_hidden = final.reshape(positions, -1)
-
-        def loss_of_chunk(logits, start, stop):
-            with torch.no_grad():
-                teacher = head(teacher_hidden[start:stop]).float().log_softmax(-1)
-            return exact_kl(teacher, logits)
+        def loss_of_chunk(logits, start, stop, with_grad):
+            if start not in teacher:  # once per chunk, for every exit
+                teacher.clear()
+                with torch.no_grad():
+                    teacher[start] = head(teacher_hidden[start:stop]).float().log_softmax(-1)
+            return full_kl(teacher[start], logits, with_grad)
     else:
-        target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items() if k in (fmt.ids_key, fmt.logprobs_key)})
+        if objective == "ce":
+            labels = next_token_labels(input_ids)
+            target, positions = one_hot_target(labels), int((labels != -100).sum())
+        else:
+            target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items() if k in (fmt.ids_key, fmt.logprobs_key)})
 
-        def loss_of_chunk(logits, start, stop):
-            return kl_to_target(logits, target.rows(start, stop))
+        def loss_of_chunk(logits, start, stop, with_grad):
+            return sparse_kl(logits, target.rows(start, stop), with_grad)
 
-    return torch.stack([chunked_kl_sum(exits[d].reshape(input_ids.numel(), -1), head, loss_of_chunk, chunk) / positions
-                        for d in depths])
+    hidden = [exits[d].reshape(input_ids.numel(), -1) for d in depths]
+    return chunked_kl_sum(hidden, head, loss_of_chunk, chunk) / positions

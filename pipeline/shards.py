@@ -120,8 +120,9 @@ def completed_record(stage_dir: Path, split: str, index: int) -> ShardRecord | N
 # ---------------------------------------------------------------- header and manifest
 
 
-def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
-    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else.
+def claim_directory(stage_dir: Path, header: dict, write: bool = True, ignore: tuple[str, ...] = ()) -> None:
+    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else
+    (fields in `ignore` may differ).
 
     In a multi-process job every rank checks (so all refuse alike) and one writes (`write`).
     """
@@ -129,7 +130,7 @@ def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
     if path.exists():
         earlier = json.loads(path.read_text())
         # the specific fields first: "depths" says more than the config hash that covers it
-        keys = sorted(set(earlier) | set(header), key=lambda k: (k == "config_hash", k))
+        keys = sorted((set(earlier) | set(header)) - set(ignore), key=lambda k: (k == "config_hash", k))
         differ = [k for k in keys if earlier.get(k) != header.get(k)]
         if differ:
             was = ", ".join(f"{k}={earlier.get(k)!r}" for k in differ)

@@ -130,14 +130,18 @@ def fail_pipeline(cfg: Config) -> None:
 
 
 @contextmanager
-def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True):
+def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True,
+              variant: str = ""):
+    """A stage's MLflow run; `variant` names one of several runs a stage makes (train-exits' baselines)."""
     if not enabled:
         yield Tracker()
         return
     mlflow = _connect(cfg)
     index, count = task
     name = stage if count == 1 else f"{stage}[{index}/{count}]"
-    tags = {**_lineage(cfg, stage, config_hash), "task": f"{index}/{count}"}
+    if variant:
+        name += f" ({variant})"
+    tags = {**_lineage(cfg, stage, config_hash), "task": f"{index}/{count}", "variant": variant}
     parent = os.environ.get(PIPELINE_RUN)
     if parent:
         tags.update({"pipeline_id": parent, PARENT_TAG: parent})

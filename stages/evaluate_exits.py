@@ -7,8 +7,10 @@ and logs them to MLflow with metric names per exit (exit1_kl, lens1_kl, full_per
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,11 @@ from tqdm import tqdm
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import WEIGHTS, BalconyModel
-from pipeline.config import Config
-from pipeline.evaluation import decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
-from pipeline.shards import TOKENS_KEY, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
+from pipeline.config import Config, DataConfig
+from pipeline.corpus import ShardPacker, ShardSpec, document_encoder, stream_documents
+from pipeline.errors import ConfigError, InputError
+from pipeline.evaluation import baseline_kind, decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
+from pipeline.shards import MANIFEST, TOKENS_KEY, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
 
@@ -27,12 +31,51 @@ STAGE = "evaluate"
 FORMAT_VERSION = 1
 
 
-def heldout_sequences(cfg: Config, tokens_dir) -> torch.Tensor:
+def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
+    """The held-out split of a tokenize stage's output (this run's, or another run's), `limit` sequences at most."""
     manifest = read_manifest(tokens_dir, "tokenize", expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
     rows = [s[TOKENS_KEY] for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(tokens_dir, record)]
-    rows = rows[: cfg.eval.max_sequences or None]
-    return torch.as_tensor(np.stack(rows)).long()
+    return torch.as_tensor(np.stack(rows[: limit or None])).long()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]
+
+
+SOURCES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def file_sequences(cfg: Config, pattern: str) -> torch.Tensor:
+    """Documents of text files (each + EOS, in file order) packed into eval.data_tokens worth of sequences."""
+    source = SOURCES.get(Path(pattern).suffix)
+    if source is None:
+        raise ConfigError(f"eval.data: {pattern!r} is neither a tokenize output folder nor a file of "
+                          f"{', '.join(SOURCES)}")
+    data = DataConfig(source=source, files=[pattern], text_field=cfg.data.text_field, shuffle_buffer=0,
+                      seq_len=cfg.data.seq_len)
+    packer = ShardPacker(ShardSpec("heldout", 0, max(1, cfg.eval.data_tokens // cfg.data.seq_len)), cfg.data.seq_len)
+    encode = document_encoder(load_tokenizer(cfg.model))
+    for text in stream_documents(data):
+        packer.add(encode([text])[0])
+        if packer.full:
+            return torch.as_tensor(packer.sequences()).long()
+    whole = packer.filled // cfg.data.seq_len
+    if whole == 0:
+        raise InputError(f"eval.data: {pattern} holds {packer.filled} tokens, less than one sequence of {cfg.data.seq_len}")
+    return torch.as_tensor(packer.buffer[: whole * cfg.data.seq_len].reshape(whole, -1)).long()
+
+
+def eval_sets(cfg: Config) -> dict[str, torch.Tensor]:
+    """What to score: this run's held-out tokens, then each eval.data entry (a tokenize output
+    folder: its held-out split; else text files)."""
+    sets = {"heldout": heldout_sequences(cfg, cfg.run_dir / "tokens", cfg.eval.max_sequences)}
+    for entry in cfg.eval.data:
+        if (Path(entry) / MANIFEST).exists():
+            sets[entry] = heldout_sequences(cfg, Path(entry), max(1, cfg.eval.data_tokens // cfg.data.seq_len))
+        else:
+            sets[entry] = file_sequences(cfg, entry)
+    return sets
 
 
 def evaluate(cfg: Config, task: tuple[int, int]) -> None:
@@ -41,34 +84,53 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
     lm = load_backbone(cfg.model, device)
     fingerprint = backbone_fingerprint(cfg.model, lm)
     model = BalconyModel.from_pretrained(lm, exits_dir, fingerprint, cfg.exits.depths).to(device).eval()
-    baseline = None
-    if cfg.eval.baseline_exits:
-        baseline = BalconyModel.from_pretrained(lm, cfg.eval.baseline_exits, fingerprint).to(device).eval()
-    sequences = heldout_sequences(cfg, tokens_dir)
+    folders = [folder for _, _, folder in cfg.exit_runs()[1:]] + [Path(f) for f in cfg.eval.baselines]
+    baselines = [BalconyModel.from_pretrained(lm, folder, fingerprint).to(device).eval() for folder in folders]
+    for folder, baseline in zip(folders, baselines):
+        try:
+            baseline_kind(baseline)
+        except ValueError as e:
+            raise ConfigError(f"{e} in {folder}") from None
+    sets = eval_sets(cfg)
     header = {"stage": STAGE, "config_hash": cfg.hash("eval"), "input_manifest_hash": manifest_hash(tokens_dir),
+              "eval_data_sha256": {name: tensor_sha256(seqs) for name, seqs in sets.items()},
               "backbone_fingerprint": fingerprint, "exits_sha256": file_sha256(exits_dir / WEIGHTS),
-              "baseline_sha256": file_sha256(baseline_path) if (baseline_path := _baseline_weights(cfg)) else None}
+              "baselines_sha256": [file_sha256(folder / WEIGHTS) for folder in folders]}
+    written = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else header
+    if any(written.get(key) != value for key, value in header.items()):
+        # scores are derived from the inputs alone and cheap to redo: new inputs replace them
+        print(f"{STAGE}: the exits, baselines or data changed since {out / 'metrics.json'} was written; scoring again")
+        shutil.rmtree(out)
     claim_directory(out, header)
     if (out / "metrics.json").exists():
         print(f"{STAGE}: {out / 'metrics.json'} exists for these exits and data; nothing to do")
     else:
-        measure(cfg, model, baseline, sequences, header, out, device)
-    rows = json.loads((out / "metrics.json").read_text())["rows"]
-    close_pipeline(cfg, mlflow_metrics(rows), [out / "metrics.json", out / "plot.png", out / "table.md"])
+        measure(cfg, model, baselines, sets, header, out, device)
+    metrics = json.loads((out / "metrics.json").read_text())
+    close_pipeline(cfg, mlflow_metrics(metrics), [out / "metrics.json", out / "plot.png", out / "table.md"])
 
 
-def measure(cfg: Config, model: BalconyModel, baseline: BalconyModel | None, sequences: torch.Tensor,
+def quality(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sequences: torch.Tensor,
+            device: torch.device, name: str) -> list[dict]:
+    """Perplexity, KL to the full model and top-1 agreement of every variant on `sequences`."""
+    variants = variants_of(model, baselines)
+    with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE} quality ({name})") as bar:
+        for batch in sequences.split(cfg.eval.batch_size):
+            score_batch(model, baselines, variants, batch.to(device), cfg.eval.chunk_size)
+            bar.update(batch.numel())
+    return [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()} for v in variants]
+
+
+def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sets: dict[str, torch.Tensor],
             header: dict, out: Path, device: torch.device) -> None:
-    variants = variants_of(model, baseline)
+    sequences = sets["heldout"]
     with stage_run(cfg, STAGE, header["config_hash"]) as tracker:
-        with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE} quality") as bar:
-            for batch in sequences.split(cfg.eval.batch_size):
-                score_batch(model, baseline, variants, batch.to(device), cfg.eval.chunk_size)
-                bar.update(batch.numel())
-        rows = [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()}
-                for v in variants]
-        latency = {}
-        for batch_size in cfg.eval.latency_batches:
+        rows = quality(cfg, model, baselines, sequences, device, "heldout")
+        other_data = [{"data": name, "sequences": len(seqs), "tokens": seqs.numel(),
+                       "rows": quality(cfg, model, baselines, seqs, device, name)}
+                      for name, seqs in sets.items() if name != "heldout"]
+        latency, batches = {}, cfg.eval.latency_batches if cfg.eval.speed else []
+        for batch_size in batches:
             prompt = sequences[:1, : cfg.eval.prompt_tokens].repeat(batch_size, 1).to(device)
             for depth in [None, *model.depths]:
                 latency[(batch_size, depth)] = decode_latency(model, depth, prompt, cfg.eval.new_tokens, cfg.eval.repeats)
@@ -78,33 +140,37 @@ def measure(cfg: Config, model: BalconyModel, baseline: BalconyModel | None, seq
         prompt = sequences[:1, : cfg.eval.prompt_tokens].to(device)
         for row in rows:
             depth = None if row["kind"] == "full" else row["depth"]
-            if row["kind"] in ("full", "balcony"):
-                row["latency_ms"] = {str(b): latency[(b, depth)] * 1e3 for b in cfg.eval.latency_batches}
-                row["speedup"] = {str(b): latency[(b, None)] / latency[(b, depth)] for b in cfg.eval.latency_batches}
+            if row["kind"] in ("full", "balcony") and cfg.eval.speed:
+                row["latency_ms"] = {str(b): latency[(b, depth)] * 1e3 for b in batches}
+                row["speedup"] = {str(b): latency[(b, None)] / latency[(b, depth)] for b in batches}
                 row["ideal_speedup"] = 1 / row["relative_cost"]
-            if row["kind"] == "balcony":
+            if row["kind"] == "balcony" and cfg.eval.speed:
                 row["speculative"] = speculative_speedup(model, depth, prompt, cfg.eval.new_tokens,
                                                          cfg.eval.draft_tokens, cfg.eval.repeats)
                 print(f"{STAGE}: self-speculative with exit@{depth}: acceptance {row['speculative']['acceptance_rate']:.2f}, "
                       f"speedup {row['speculative']['speedup']:.2f}x over greedy full-depth decoding")
         metrics = {"format_version": FORMAT_VERSION, **header, "num_layers": model.num_layers,
                    "depths": model.depths, "heldout_sequences": len(sequences), "heldout_tokens": sequences.numel(),
-                   "device": device.type, "rows": rows}
-        write_outputs(out, metrics, cfg.eval.latency_batches)
-        tracker.metrics(mlflow_metrics(rows))
+                   "device": device.type, "rows": rows, "other_data": other_data}
+        write_outputs(out, metrics, batches)
+        tracker.metrics(mlflow_metrics(metrics))
         for name in ("metrics.json", "table.md", "plot.png"):
             tracker.artifact(out / name)
     print((out / "table.md").read_text())
     print(f"{STAGE}: wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'plot.png'}")
 
 
-def _baseline_weights(cfg: Config) -> Path | None:
-    return Path(cfg.eval.baseline_exits) / WEIGHTS if cfg.eval.baseline_exits else None
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """The held-out rows' metrics, then each eval.data set's quality metrics prefixed `data1_`, ..."""
+    out = row_metrics(metrics["rows"])
+    for i, other in enumerate(metrics.get("other_data", []), 1):
+        out.update({f"data{i}_{name}": value for name, value in row_metrics(other["rows"]).items()})
+    return out
 
 
-def mlflow_metrics(rows: list[dict]) -> dict[str, float]:
+def row_metrics(rows: list[dict]) -> dict[str, float]:
     """Names by exit ordinal (exit1 = shallowest), so runs with other depths line up in the UI."""
-    kinds = {"balcony": "exit", "logit_lens": "lens", "ce_exit": "ce"}
+    kinds = {"balcony": "exit", "logit_lens": "lens", "tuned_lens": "tuned", "ce_exit": "ce"}
     prefixes = {}
     for kind, short in kinds.items():
         depths = sorted(row["depth"] for row in rows if row["kind"] == kind)
@@ -127,7 +193,10 @@ def mlflow_metrics(rows: list[dict]) -> dict[str, float]:
 def write_outputs(out, metrics: dict, batches: list[int]) -> None:
     """Each file under a temporary name, then renamed: metrics.json last, as the mark of completion."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".table.md.tmp").write_text(markdown_table(metrics["rows"], batches))
+    text = f"Held-out tokens of this run ({metrics['heldout_tokens']:,} tokens):\n\n" + markdown_table(metrics["rows"], batches)
+    for other in metrics["other_data"]:
+        text += f"\nQuality on {other['data']} ({other['tokens']:,} tokens):\n\n" + markdown_table(other["rows"], [])
+    (out / ".table.md.tmp").write_text(text)
     os.replace(out / ".table.md.tmp", out / "table.md")
     plot(metrics["rows"], out / ".plot.tmp.png")
     os.replace(out / ".plot.tmp.png", out / "plot.png")

@@ -62,33 +62,47 @@ def deepspeed_config(cfg: Config, accumulation: int, bf16: bool) -> dict:
 
 
 def lr_lambda(cfg: Config, total_steps: int):
-    """Linear warmup, then cosine decay to min_lr_ratio (or constant)."""
+    """Linear warmup, then cosine decay to min_lr_ratio, warmup-stable-decay, or constant."""
     warmup = math.ceil(cfg.train.warmup_fraction * total_steps)
+    decay_start = total_steps - math.ceil(cfg.train.decay_fraction * total_steps)
+    floor = cfg.train.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if cfg.train.schedule == "constant":
             return 1.0
+        if cfg.train.schedule == "wsd":
+            if step < decay_start:
+                return 1.0
+            return floor + (1 - floor) * (total_steps - step) / max(1, total_steps - decay_start)
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return cfg.train.min_lr_ratio + (1 - cfg.train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
 def train_exits(cfg: Config, task: tuple[int, int]) -> None:
+    """The Balcony exits into RUN/exits, then each of train.baselines into RUN/baselines/NAME."""
+    rank, world, device = init_distributed()
+    for _, variant, _ in cfg.exit_runs():
+        accumulation_steps(variant, world)  # a config error: before any work
+    lm = load_backbone(cfg.model, device)
+    fingerprint = backbone_fingerprint(cfg.model, lm)
+    for name, variant, out in cfg.exit_runs():
+        train_one(variant, out, name, lm, fingerprint, rank, world, device)
+
+
+def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int, world: int,
+              device: torch.device) -> None:
     import deepspeed
 
-    rank, world, device = init_distributed()
-    accumulation = accumulation_steps(cfg, world)  # a config error: before any work
-    out = cfg.run_dir / "exits"
+    accumulation = accumulation_steps(cfg, world)
     online = cfg.train.online_teacher or cfg.train.objective == "ce"  # neither needs cached targets
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.train.seed)
 
-    # --- inputs: the backbone, and the shards it must have produced
-    lm = load_backbone(cfg.model, device)
-    fingerprint = backbone_fingerprint(cfg.model, lm)
+    # --- inputs: the shards the earlier stages must have produced
     if online:
         source = cfg.run_dir / "tokens"
         manifest = read_manifest(source, "tokenize", expect={
@@ -99,14 +113,16 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
         manifest = read_manifest(source, "teacher", expect={"backbone_fingerprint": fingerprint,
                                                              "seq_len": cfg.data.seq_len})
         fmt = TargetFormat.from_description(manifest["target_format"])
-    model = BalconyModel(lm, cfg.exits.depths)
+    model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
     header = {"stage": STAGE, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32"}
-    # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes
-    claim_directory(out, header, write=rank == 0)
+    # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes.
+    # Finished exits are the same whatever the world size that made them; a resume needs the same.
+    finished = (out / EXITS_CONFIG).exists()
+    claim_directory(out, header, write=rank == 0, ignore=("world_size",) if finished else ())
     dist.barrier()
-    if (out / EXITS_CONFIG).exists():
+    if finished:
         if rank == 0:
             print(f"{STAGE}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
         return
@@ -120,8 +136,9 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
                           f"the data gives {batches.batches_in(0)}; lower it or add data")
 
     # --- engine: only exit parameters reach the optimizer
-    params = list(model.exits.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    params = [p for p in model.exits.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, cfg.train.adam_beta2),
+                                  weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(cfg, accumulation, bf16))
@@ -137,16 +154,19 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
 
     stream = batches.stream(start=step * accumulation)
     if rank == 0:
-        print(f"{STAGE}: {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}, exits {model.depths}, "
+        print(f"{STAGE} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
+              f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=STAGE, disable=rank != 0, dynamic_ncols=True)
-    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0) as tracker, bar:
+    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0, variant=name) as tracker, bar:
         while step < total_steps:
             started = time.perf_counter()
             step_kl = torch.zeros(len(model.depths), device=device)
             for _ in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                kls = exit_losses(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size, cfg.train.objective)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
+                    kls = exit_losses(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size,
+                                      cfg.train.objective)
                 engine.backward(kls.mean())
                 engine.step()
                 step_kl += kls.detach() / accumulation
@@ -165,7 +185,7 @@ def train_exits(cfg: Config, task: tuple[int, int]) -> None:
                                  "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
             if step % cfg.train.checkpoint_every == 0 or step == total_steps:
                 save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
-        export(model, out, fingerprint, rank)
+        export(model, out, fingerprint, rank, {"objective": cfg.train.objective})
         if rank == 0:
             tracker.artifact(out / EXITS_CONFIG)
             print(f"{STAGE}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
@@ -202,14 +222,14 @@ def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> No
             shutil.rmtree(old)
 
 
-def export(model: BalconyModel, out: Path, fingerprint: str, rank: int) -> None:
+def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: dict) -> None:
     """exits.safetensors + balcony_config.json (written last: its presence marks a finished export)."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
         if rank == 0:
             staging = out / ".export"
-            model.save_exits(staging, fingerprint)
+            model.save_exits(staging, fingerprint, extra)
             for name in ("exits.safetensors", EXITS_CONFIG):
                 os.replace(staging / name, out / name)
             staging.rmdir()

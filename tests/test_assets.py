@@ -3,17 +3,28 @@ import json
 
 import pytest
 
-from conftest import BACKBONE, CORPUS
+from conftest import ASSETS, BACKBONE, CORPUS
 
 
 def test_corpus_has_every_collection(assets):
     counts = {p.stem: sum(1 for _ in p.open()) for p in sorted(CORPUS.glob("*.jsonl"))}
-    assert set(counts) == {"austen", "bible", "milton", "shakespeare"}
+    assert set(counts) == {"austen", "bible", "milton", "shakespeare", "python-docs", "fortunes"}
     assert counts["bible"] == 1189  # one document per chapter of the KJV
     first = json.loads((CORPUS / "austen.jsonl").open().readline())
     assert first["id"].startswith("austen/") and "Jane Austen" in first["text"]
+    tutorial = [json.loads(line) for line in (CORPUS / "python-docs.jsonl").open() if '"python-docs/tutorial/' in line]
+    assert tutorial and any("def " in doc["text"] for doc in tutorial)
     total = sum(p.stat().st_size for p in CORPUS.glob("*.jsonl"))
-    assert 14e6 < total < 17e6
+    assert 24e6 < total < 30e6
+
+
+def test_out_of_domain_text_is_apart_from_the_corpus(assets):
+    """The evaluation text (Git's documentation) is in no training collection."""
+    [eval_file] = (ASSETS / "eval").glob("*.jsonl")
+    docs = [json.loads(line) for line in eval_file.open()]
+    assert eval_file.name == "git-docs.jsonl" and len(docs) > 300 and all(d["id"].startswith("git-docs/") for d in docs)
+    corpus = "".join(p.read_text() for p in CORPUS.glob("*.jsonl"))
+    assert "git-rebase" in "".join(d["text"] for d in docs) and docs[0]["text"][:200] not in corpus
 
 
 def test_second_build_verifies_checksums(assets, tmp_path):

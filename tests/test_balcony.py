@@ -67,6 +67,24 @@ def test_exit_initialisation_and_trainable_set(smollm):
     assert trainable and all(n.startswith("exits.") for n in trainable)
 
 
+def test_next_layer_init_and_tuned_lens_start_as_logit_lenses(smollm):
+    """next_layer: exit k before training is the logit lens at k+1; the tuned lens at k, the lens at k."""
+    ids = torch.randint(0, smollm.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        reference = smollm(ids, output_hidden_states=True).hidden_states  # [embeddings, after layer 1, ...]
+        lens = {k: smollm.lm_head(smollm.model.norm(reference[k])) for k in (2, 3)}
+        next_layer = BalconyModel(smollm, [1, 2], init="next_layer")
+        exits, _ = next_layer(ids)
+        for depth in (1, 2):
+            assert torch.allclose(smollm.lm_head(exits[depth]), lens[depth + 1], atol=1e-4), depth
+        tuned = BalconyModel(smollm, [2, 3], kind="tuned_lens")
+        exits, _ = tuned(ids)
+        for depth in (2, 3):
+            assert torch.allclose(smollm.lm_head(exits[depth]), lens[depth], atol=1e-5), depth
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable == {f"exits.{k}.layer.proj.{w}" for k in (2, 3) for w in ("weight", "bias")}
+
+
 def test_refusals(smollm):
     from transformers import GPT2Config, GPT2LMHeadModel
 

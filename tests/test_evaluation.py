@@ -21,9 +21,9 @@ def test_metrics_equal_a_hand_computation():
     lm = _tiny()
     model = BalconyModel(lm, [1, 2])
     ids = torch.randint(0, 50, (3, 10))
-    variants = variants_of(model, None)
-    score_batch(model, None, variants, ids[:2], chunk=7)  # two batches, odd chunks: sums must add up
-    score_batch(model, None, variants, ids[2:], chunk=7)
+    variants = variants_of(model, [])
+    score_batch(model, [], variants, ids[:2], chunk=7)  # two batches, odd chunks: sums must add up
+    score_batch(model, [], variants, ids[2:], chunk=7)
     got = {v.name: v.metrics() for v in variants}
     with torch.no_grad():
         out = lm(ids, output_hidden_states=True)

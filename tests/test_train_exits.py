@@ -120,27 +120,43 @@ def test_refusals(prepared, zero2):
     assert proc.returncode == 2 and "train.tokens_per_step: 1000 is not a multiple" in proc.stderr
 
 
-def test_evaluate_stage_writes_metrics_table_and_plot(prepared, zero2, tmp_path, tracking_uri):
+def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zero2, tmp_path):
     folder, config = prepared
-    # the EE-Tuning baseline: the same exits trained on next-token cross-entropy, one process
-    ce_config = _write(tmp_path, tracking_uri, "ce", train={"objective": "ce", "max_steps": 2})
-    shutil.copytree(folder / "run" / "tokens", tmp_path / "ce" / "tokens")
-    assert sorted(losses_by_step(run_stage("train_exits.py", "--config", ce_config).stdout)) == [1, 2]
-    overrides = ["eval.latency_batches=[1, 2]", "eval.new_tokens=4", "eval.repeats=1", "eval.max_sequences=4",
-                 f"eval.baseline_exits={tmp_path / 'ce' / 'exits'}"]
+    # the baselines, same data and recipe, one process: only they are trained (the exits exist)
+    baselines = ["train.baselines=[tuned_lens, ce]"]
+    out = run_stage("train_exits.py", "--config", config, *baselines).stdout
+    assert "exits.safetensors exists" not in out and "exists for this configuration; nothing to do" in out
+    assert "(tuned_lens)" in out and "(ce)" in out
+    for name, kind, objective in (("tuned_lens", "tuned_lens", "kl"), ("ce", "balcony", "ce")):
+        meta = json.loads((folder / "run" / "baselines" / name / "balcony_config.json").read_text())
+        assert (meta["kind"], meta["objective"]) == (kind, objective)
+    # text no stage trained on, scored beside the held-out tokens
+    ood = tmp_path / "ood.txt"
+    ood.write_text("A version control system records changes to a set of files over time, so that you can "
+                   "recall specific versions later. " * 40)
+    overrides = [*baselines, "eval.latency_batches=[1, 2]", "eval.new_tokens=4", "eval.repeats=1",
+                 "eval.max_sequences=4", f"eval.data=[{ood}]", "eval.data_tokens=256"]
     run_stage("evaluate_exits.py", "--config", config, *overrides)
     out = folder / "run" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     names = [row["name"] for row in metrics["rows"]]
-    assert names == ["full", "exit@1", "exit@2", "lens@1", "lens@2", "ce@1", "ce@2"]
+    assert names == ["full", "exit@1", "exit@2", "lens@1", "lens@2", "tuned@1", "tuned@2", "ce@1", "ce@2"]
     assert metrics["heldout_tokens"] == 4 * 128
-    exit1 = metrics["rows"][1]
+    exit1, tuned1 = metrics["rows"][1], metrics["rows"][5]
     assert exit1["relative_cost"] == pytest.approx(2 / 3) and set(exit1["speedup"]) == {"1", "2"}
     assert exit1["ideal_speedup"] == pytest.approx(1.5) and exit1["kl_to_full"] > 0
     assert 0 <= exit1["speculative"]["acceptance_rate"] <= 1 and exit1["speculative"]["speedup"] > 0
+    assert tuned1["relative_cost"] == pytest.approx(1 / 3) and "speedup" not in tuned1
+    [other] = metrics["other_data"]
+    assert other["data"] == str(ood) and other["tokens"] == 256 and [r["name"] for r in other["rows"]] == names
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| exit@1 |" in (out / "table.md").read_text() and "| ce@2 |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| exit@1 |" in table and "| tuned@2 |" in table and "| ce@2 |" in table
+    assert f"Quality on {ood} (256 tokens)" in table
     assert "nothing to do" in run_stage("evaluate_exits.py", "--config", config, *overrides).stdout
+    # other inputs: scored again, not refused
+    rescored = run_stage("evaluate_exits.py", "--config", config, *overrides[:-2]).stdout
+    assert "scoring again" in rescored and not json.loads((out / "metrics.json").read_text())["other_data"]
     proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
     assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone
 
