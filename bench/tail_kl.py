@@ -1,0 +1,63 @@
+"""How much of trained exits' KL lies where cached top-k targets cannot see: inside the tail.
+
+    python bench/tail_kl.py --run runs/study/rows/lr4e-3 [--sequences 8]
+
+On held-out sequences of RUN's teacher shards, per exit: the exact full-vocabulary KL(full || exit),
+and the KL between the top-k + rest coarse-grainings (what a top-k target trains). Their
+difference is the KL inside the rest bucket: how the exit spreads the teacher's tail mass, which
+no top-k loss constrains.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.balcony import BalconyModel
+from pipeline.config import load_config
+from pipeline.losses import exact_kl, kl_to_target
+from pipeline.shards import MANIFEST, TOKENS_KEY, read_shard
+from pipeline.targets import TargetFormat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run directory with teacher/ and exits/")
+    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "study.yaml")
+    parser.add_argument("--sequences", type=int, default=8)
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"run.dir={args.run}"])
+    lm = load_backbone(cfg.model)
+    model = BalconyModel.from_pretrained(lm, args.run / "exits").eval()
+    teacher_dir = args.run / "teacher"
+    manifest = json.loads((teacher_dir / MANIFEST).read_text())
+    fmt = TargetFormat.from_description(manifest["target_format"])
+    samples = [s for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(teacher_dir, record)]
+    samples = samples[: args.sequences]
+    ids = torch.as_tensor(np.stack([s[TOKENS_KEY] for s in samples])).long()
+    target = fmt.decode({k: torch.as_tensor(np.stack([s[k] for s in samples])).flatten(0, 1)
+                         for k in (fmt.ids_key, fmt.logprobs_key)})
+    print(f"{args.run}: {ids.numel():,} held-out positions, top-{fmt.entries} targets, "
+          f"teacher mass outside them {float(target.rest.mean()):.3f}")
+    with torch.no_grad():
+        exits, final = model(ids, full=True)
+        chunk = 512
+        for depth, hidden in exits.items():
+            exact = coarse = 0.0
+            flat, full = hidden.flatten(0, 1), final.flatten(0, 1)
+            for start in range(0, len(flat), chunk):
+                stop = min(start + chunk, len(flat))
+                logits = lm.lm_head(flat[start:stop])
+                exact += float(exact_kl(lm.lm_head(full[start:stop]).float().log_softmax(-1), logits).sum())
+                coarse += float(kl_to_target(logits, target.rows(start, stop)).sum())
+            n = len(flat)
+            print(f"exit@{depth}: exact KL {exact / n:.3f}, top-{fmt.entries} + rest KL {coarse / n:.3f}, "
+                  f"inside the tail {(exact - coarse) / n:.3f} nats")
+
+
+if __name__ == "__main__":
+    main()
