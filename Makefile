@@ -46,7 +46,7 @@ help:
 	@echo "make slurm-up / slurm-down [SLURM_NODES=2] - a throw-away local SLURM cluster"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
-	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=2] [ARGS='key=value ...']"
+	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=1] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"

@@ -73,7 +73,7 @@ def test_make_pipeline_on_slurm(cluster, tmp_path, tracking_uri):
     for stage in ("tokenize", "teacher-logits"):  # one log per array task
         assert len(list((run / "logs").glob(f"{stage}-*_[01].log"))) == 2
     train_log = Path(jobs[2]["log"]).read_text()
-    assert "on n[1-2]: 2 processes" in train_log and "train-exits: 2 ranks" in train_log, train_log[-2000:]
+    assert "on n[1-2]: 2 processes" in train_log and "train-exits (exits): 2 ranks" in train_log, train_log[-2000:]
     assert len(re.findall(r"^step \d+/3 ", train_log, re.M)) == 3
 
     # array output is byte-identical to the same stages run in place by one process
