@@ -102,6 +102,7 @@ class BalconyModel(nn.Module):
             raise ConfigError(f"exits: kind must be one of {KINDS} and init one of {INITS}, got {kind!r}, {init!r}")
         backbone.requires_grad_(False)
         self.backbone, self.depths, self.kind = backbone, sorted(depths), kind
+        self.meta: dict = {}  # balcony_config.json of exits loaded by from_pretrained (e.g. their objective)
         self.exits = nn.ModuleDict({str(k): make_exit(backbone, k, kind, init) for k in self.depths})
         for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
             for module in exit_.layer.modules():
