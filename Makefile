@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study pipeline status test bench mlflow-ui slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve pipeline status test bench mlflow-ui slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
 
 help:
@@ -51,6 +51,7 @@ help:
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
 	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
+	@echo "make curve   - the reference learning curve: the demo recipe on 10x its tokens (hours; resumable) -> results/learning-curve/"
 
 setup: $(STAMP)
 
@@ -97,6 +98,11 @@ demo: assets
 # only what is missing (RUN/baselines/ce), evaluate scores everything side by side.
 compare: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1 ARGS="train.baselines=[tuned_lens,ce] $(ARGS)"
+
+# The reference learning curve (bench/learning_curve.py): the demo's recipe on 10x its tokens, its
+# snapshots scored by the evaluate stage; hours on 2 cores, resumable.
+curve: assets
+	$(PY) bench/learning_curve.py
 
 # The recipe study (bench/exit_study.py): its data once, then each recipe row (skipped when done).
 STUDY_DIR ?= runs/study

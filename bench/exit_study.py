@@ -82,9 +82,9 @@ ROWS = {
 }
 
 
-def stage_command(script: str, nproc: int, overrides: list[str]) -> list[str]:
+def stage_command(script: str, nproc: int, overrides: list[str], config: Path = BASE_CONFIG) -> list[str]:
     python = Path(sys.executable)
-    args = [str(ROOT / "stages" / script), "--config", str(BASE_CONFIG), *overrides]
+    args = [str(ROOT / "stages" / script), "--config", str(config), *overrides]
     if nproc > 1:
         return [str(python.parent / "deepspeed"), "--num_gpus", str(nproc), *args]
     return [str(python), *args]

@@ -139,6 +139,10 @@ class TrainConfig:
     checkpoint_every: int = _num(200, gt=0, doc="optimizer steps")
     keep_checkpoints: int = _num(2, gt=0)
     max_steps: int = _num(0, ge=0, doc="0: one pass over the cached targets")
+    # steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (same files as the
+    # final export): a learning curve from one run, each point scored by the evaluate stage. Not part
+    # of the config hash: adding snapshots to a run under way does not change what it trains.
+    snapshots: list[int] = field(default_factory=list, metadata={"hashed": False})
     chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk")
     num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
     online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
@@ -149,6 +153,8 @@ class TrainConfig:
     seed: int = _num(0, ge=0)
 
     def validate(self, path: str) -> None:
+        if any(step < 1 for step in self.snapshots):
+            raise ConfigError(f"{path}.snapshots: steps must be >= 1, got {self.snapshots}")
         if len(set(self.baselines)) != len(self.baselines):
             raise ConfigError(f"{path}.baselines: duplicate names in {self.baselines}")
         if self.baselines and self.zero_stage == 3:  # a second engine cannot re-partition the shared backbone
@@ -213,6 +219,10 @@ class Config:
     def hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): what a stage's output depends on."""
         data = self.to_dict()
+        for section in dataclasses.fields(self):
+            for f in dataclasses.fields(getattr(self, section.name)):
+                if not f.metadata.get("hashed", True):
+                    del data[section.name][f.name]
         chosen = {name: data[name] for name in (sections or data)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -135,6 +135,11 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
         raise ConfigError(f"train.tokens_per_step: one step needs {accumulation} micro-batches per rank, "
                           f"the data gives {batches.batches_in(0)}; lower it or add data")
 
+    late = [s for s in cfg.train.snapshots if s > total_steps]
+    if late:
+        raise ConfigError(f"train.snapshots: step {late[0]} is past the run's {total_steps} steps")
+    trained = lambda step: {"objective": cfg.train.objective, "steps": step, "tokens": step * cfg.train.tokens_per_step}
+
     # --- engine: only exit parameters reach the optimizer
     params = [p for p in model.exits.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, cfg.train.adam_beta2),
@@ -183,9 +188,11 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
                 tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_kl.tolist())},
                                  "kl_mean": float(step_kl.mean()), "lr": lr,
                                  "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
+            if step in cfg.train.snapshots:
+                export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))
             if step % cfg.train.checkpoint_every == 0 or step == total_steps:
                 save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
-        export(model, out, fingerprint, rank, {"objective": cfg.train.objective})
+        export(model, out, fingerprint, rank, trained(step))
         if rank == 0:
             tracker.artifact(out / EXITS_CONFIG)
             print(f"{STAGE}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
@@ -222,12 +229,17 @@ def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> No
             shutil.rmtree(old)
 
 
+def snapshot_dir(out: Path, step: int) -> Path:
+    return out / "snapshots" / f"step{step:08d}"
+
+
 def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: dict) -> None:
     """exits.safetensors + balcony_config.json (written last: its presence marks a finished export)."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
         if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
             staging = out / ".export"
             model.save_exits(staging, fingerprint, extra)
             for name in ("exits.safetensors", EXITS_CONFIG):

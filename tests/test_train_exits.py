@@ -99,13 +99,19 @@ def test_zero3_under_torchrun_gives_the_same_losses(prepared, zero2, tmp_path, t
     assert (exits / "exits.safetensors").read_bytes() == weights
 
 
-def test_single_process_online_teacher(prepared, tmp_path, tracking_uri):
+def test_single_process_online_teacher_with_a_snapshot(prepared, tmp_path, tracking_uri):
     folder, _ = prepared
-    config = _write(tmp_path, tracking_uri, "online", train={"online_teacher": True, "max_steps": 2})
+    config = _write(tmp_path, tracking_uri, "online", train={"online_teacher": True, "max_steps": 2, "snapshots": [1]})
     shutil.copytree(folder / "run" / "tokens", tmp_path / "online" / "tokens")  # no teacher cache at all
+    proc = run_stage("train_exits.py", "--config", config, "train.snapshots=[3]", check=False)
+    assert proc.returncode == 2 and "train.snapshots: step 3 is past the run's 2 steps" in proc.stderr
     proc = run_stage("train_exits.py", "--config", config)
     assert "1 ranks, ZeRO-2, fp32" in proc.stdout and sorted(losses_by_step(proc.stdout)) == [1, 2]
-    assert (tmp_path / "online" / "exits" / "exits.safetensors").exists()
+    exits = tmp_path / "online" / "exits"
+    snapshot = exits / "snapshots" / "step00000001"
+    assert json.loads((snapshot / "balcony_config.json").read_text())["tokens"] == 1024
+    assert json.loads((exits / "balcony_config.json").read_text())["steps"] == 2
+    assert (snapshot / "exits.safetensors").read_bytes() != (exits / "exits.safetensors").read_bytes()
 
 
 def test_refusals(prepared, zero2):
