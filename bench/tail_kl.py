@@ -51,8 +51,8 @@ def main() -> None:
             flat, full = hidden.flatten(0, 1), final.flatten(0, 1)
             for start in range(0, len(flat), chunk):
                 stop = min(start + chunk, len(flat))
-                logits = lm.lm_head(flat[start:stop])
-                exact += float(exact_kl(lm.lm_head(full[start:stop]).float().log_softmax(-1), logits).sum())
+                logits = model.logits(flat[start:stop])
+                exact += float(exact_kl(model.logits(full[start:stop]).float().log_softmax(-1), logits).sum())
                 coarse += float(kl_to_target(logits, target.rows(start, stop)).sum())
             n = len(flat)
             print(f"exit@{depth}: exact KL {exact / n:.3f}, top-{fmt.entries} + rest KL {coarse / n:.3f}, "

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.backbone import load_backbone, load_tokenizer
 from pipeline.config import ModelConfig, TeacherConfig
+from pipeline.decoder import Decoder
 from pipeline.shards import TOKENS_KEY, encode_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import FidelityMeter, Teacher
@@ -44,7 +45,8 @@ def fidelity_table(lm, ids: torch.Tensor) -> list[dict]:
     hidden = lm(input_ids=ids, output_hidden_states=True, use_cache=False)
     teacher = hidden.logits.flatten(0, 1).float().log_softmax(-1)
     # the probe student of the stage: the logit lens one layer below the top
-    student = lm.lm_head(lm.model.norm(hidden.hidden_states[-2])).flatten(0, 1).float()
+    decoder = Decoder(lm)
+    student = decoder.logits(decoder.norm(hidden.hidden_states[-2])).flatten(0, 1).float()
     uniforms = torch.rand(teacher.shape[0], 48, generator=torch.Generator().manual_seed(0))
     variants = [(f"top-{k} naive fp16+int32", TeacherConfig(k=k, compact=False)) for k in (16, 32, 64, 128)]
     variants += [(f"top-64 compact, {b}-bit log-probs", TeacherConfig(k=64, logprob_bits=b)) for b in (8, 10, 12)]

@@ -45,7 +45,7 @@ def measure(mode: str, batch: int, seq: int, repeats: int) -> dict:
     optimizer = torch.optim.AdamW(model.exits.parameters(), lr=1e-4)
 
     def step():
-        kls = exit_losses(model, model.lm_head, model.depths, inputs, fmt, demo.train.chunk_size)
+        kls = exit_losses(model, model.logits, model.depths, inputs, fmt, demo.train.chunk_size)
         kls.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

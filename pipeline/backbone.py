@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.decoder import check_supported, text_decoder
 from pipeline.errors import InputError
 from pipeline.shards import file_sha256
 
@@ -92,6 +93,8 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
         raise InputError(f"model.backbone: cannot load {folder} ({str(e).splitlines()[0]})") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+    lm = text_decoder(lm)  # a multimodal checkpoint: its text model
+    check_supported(lm)  # before any work: a model Balcony cannot run layer by layer is refused here
     lm.requires_grad_(False)
     return lm.eval().to(device)
 

@@ -19,8 +19,9 @@ a Balcony exit must beat, trained by the same stage on the same targets.
 One pass through the backbone prefix serves every exit: the forward branches off at each depth
 and, when the full model's output is not needed, stops at the deepest exit.
 
-Supported: HF decoder-only LMs with the usual `model.embed_tokens / model.layers / model.norm /
-model.rotary_emb / lm_head` structure (Llama, Qwen2, Mistral, ...). Anything else is refused.
+How the backbone runs layer by layer (masks and position embeddings per layer type, scaled
+embeddings, softcapped logits) is pipeline/decoder.py's business; the families it supports are
+listed in the README. An exit layer gets the arguments of the layer it was copied from.
 """
 from __future__ import annotations
 
@@ -31,20 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.decoder import Decoder
 from pipeline.errors import ConfigError, InputError
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
-
-
-def check_supported(lm) -> None:
-    inner = getattr(lm, "model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(lm, "lm_head"):
-        raise InputError(
-            f"model.backbone: {type(lm).__name__} is not a supported decoder-only LM "
-            "(Balcony needs model.embed_tokens, model.layers, model.norm, model.rotary_emb and lm_head)"
-        )
 
 
 def check_depths(depths: list[int], num_layers: int) -> None:
@@ -61,9 +53,10 @@ INITS = ("last_layer", "next_layer")
 
 
 class Exit(nn.Module):
-    def __init__(self, layer: nn.Module, norm: nn.Module):
+    def __init__(self, layer: nn.Module, norm: nn.Module, layer_type: str):
         super().__init__()
         self.layer, self.norm = layer, norm
+        self.layer_type = layer_type  # the attention type (full, sliding, ...) of the layer it was copied from
 
 
 class AffineTranslator(nn.Module):
@@ -79,31 +72,33 @@ class AffineTranslator(nn.Module):
         return hidden + self.proj(hidden)
 
 
-def make_exit(backbone, depth: int, kind: str, init: str) -> Exit:
-    inner = backbone.model
+def make_exit(decoder: Decoder, depth: int, kind: str, init: str) -> Exit:
+    source = depth if init == "next_layer" else decoder.num_layers - 1  # the layer an exit is a copy of
     if kind == "tuned_lens":
-        norm = copy.deepcopy(inner.norm).requires_grad_(False)  # the lens reads through the model's own norm
-        translator = AffineTranslator(backbone.config.hidden_size).to(inner.norm.weight.dtype)
-        return Exit(translator.requires_grad_(True), norm)
+        norm = copy.deepcopy(decoder.norm).requires_grad_(False)  # the lens reads through the model's own norm
+        translator = AffineTranslator(decoder.config.hidden_size).to(decoder.norm.weight.dtype)
+        return Exit(translator.requires_grad_(True), norm, decoder.types[source])
     if init == "next_layer":
-        layer, norm = inner.layers[depth], inner.norm
+        norm = decoder.norm
     else:
-        layer, norm = inner.layers[-1], inner.layers[depth].input_layernorm
-    return Exit(copy.deepcopy(layer), copy.deepcopy(norm)).requires_grad_(True)
+        norm = getattr(decoder.layers[depth], "input_layernorm", None)
+        if norm is None:  # e.g. OLMo 2's layers norm after attention, not before: start from the final norm
+            norm = decoder.norm
+    exit_ = Exit(copy.deepcopy(decoder.layers[source]), copy.deepcopy(norm), decoder.types[source])
+    return exit_.requires_grad_(True)
 
 
 class BalconyModel(nn.Module):
     def __init__(self, backbone, depths: list[int], kind: str = "balcony", init: str = "last_layer"):
         super().__init__()
-        check_supported(backbone)
-        layers = backbone.model.layers
-        check_depths(depths, len(layers))
+        self.decoder = Decoder(backbone)
+        check_depths(depths, self.decoder.num_layers)
         if kind not in KINDS or init not in INITS:
             raise ConfigError(f"exits: kind must be one of {KINDS} and init one of {INITS}, got {kind!r}, {init!r}")
         backbone.requires_grad_(False)
-        self.backbone, self.depths, self.kind = backbone, sorted(depths), kind
+        self.backbone, self.depths, self.kind, self.init = backbone, sorted(depths), kind, init
         self.meta: dict = {}  # balcony_config.json of exits loaded by from_pretrained (e.g. their objective)
-        self.exits = nn.ModuleDict({str(k): make_exit(backbone, k, kind, init) for k in self.depths})
+        self.exits = nn.ModuleDict({str(k): make_exit(self.decoder, k, kind, init) for k in self.depths})
         for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
             for module in exit_.layer.modules():
                 if hasattr(module, "layer_idx"):
@@ -111,25 +106,11 @@ class BalconyModel(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.backbone.model.layers)
+        return self.decoder.num_layers
 
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.backbone.lm_head
-
-    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> list:
-        """One attention mask per layer, built as the backbone's own forward builds them."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        config = self.backbone.config
-        args = {"config": config, "inputs_embeds": hidden, "attention_mask": None, "cache": None,
-                "position_ids": position_ids}
-        full = create_causal_mask(**args)
-        if getattr(config, "sliding_window", None) is None:
-            return [full] * self.num_layers
-        sliding = create_sliding_window_causal_mask(**args)
-        types = getattr(config, "layer_types", None) or ["sliding_attention"] * self.num_layers
-        return [sliding if t == "sliding_attention" else full for t in types]
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen head (with the backbone's own logit scaling or softcapping) on normed hidden states."""
+        return self.decoder.logits(hidden)
 
     def forward(self, input_ids: torch.Tensor, full: bool = False,
                 taps: dict | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
@@ -139,26 +120,26 @@ class BalconyModel(nn.Module):
 
         The frozen prefix runs without autograd; only the exits build a graph.
         """
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        with torch.no_grad():
-            hidden = self.backbone.model.embed_tokens(input_ids)
-            rotary = self.backbone.model.rotary_emb(hidden, position_ids)
-            masks = self._masks(hidden, position_ids)
-        layer_args = {"position_ids": position_ids, "position_embeddings": rotary}
-        exits, final = {}, None
+        decoder = self.decoder
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         stop = self.num_layers if full else self.depths[-1]
-        for index, layer in enumerate(self.backbone.model.layers[:stop]):
+        with torch.no_grad():
+            hidden = decoder.embed(input_ids)
+            types = set(decoder.types[:stop]) | {exit_.layer_type for exit_ in self.exits.values()}
+            arguments = decoder.layer_arguments(hidden, positions, types)
+        exits, final = {}, None
+        for index, layer in enumerate(decoder.layers[:stop]):
             with torch.no_grad():
-                hidden = layer(hidden, attention_mask=masks[index], **layer_args)
+                hidden = layer(hidden, **arguments[decoder.types[index]])
             depth = index + 1
             if str(depth) in self.exits:
                 if taps is not None:
                     taps[depth] = hidden
                 exit_ = self.exits[str(depth)]
-                exits[depth] = exit_.norm(exit_.layer(hidden, attention_mask=masks[-1], **layer_args))
+                exits[depth] = exit_.norm(exit_.layer(hidden, **arguments[exit_.layer_type]))
         if full:
             with torch.no_grad():
-                final = self.backbone.model.norm(hidden)
+                final = decoder.norm(hidden)
         return exits, final
 
     # ------------------------------------------------------------ inference
@@ -186,18 +167,7 @@ class BalconyModel(nn.Module):
         if str(depth) not in self.exits:
             raise ValueError(f"no exit at depth {depth}; exits: {self.depths}")
         exit_ = self.exits[str(depth)]
-        config = copy.deepcopy(self.backbone.config)
-        config.num_hidden_layers = depth + 1
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:depth] + [config.layer_types[-1]]
-        inner = copy.copy(self.backbone.model)
-        inner._modules = dict(inner._modules)
-        inner.layers = nn.ModuleList([*self.backbone.model.layers[:depth], exit_.layer])
-        inner.norm, inner.config = exit_.norm, config
-        outer = copy.copy(self.backbone)
-        outer._modules = dict(outer._modules)
-        outer.model, outer.config = inner, config
-        return outer
+        return self.decoder.with_top(depth, exit_.layer, exit_.norm, exit_.layer_type)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, exit: int | None = None, budget: float | None = None, **kwargs):
@@ -220,7 +190,7 @@ class BalconyModel(nn.Module):
         save_file(self.exit_state_dict(), str(folder / WEIGHTS))
         (folder / WEIGHTS).chmod(0o644)
         meta = {"format_version": FORMAT_VERSION, "backbone_fingerprint": backbone_fingerprint,
-                "depths": self.depths, "num_layers": self.num_layers, "kind": self.kind,
+                "depths": self.depths, "num_layers": self.num_layers, "kind": self.kind, "init": self.init,
                 "exit_layer": type(next(iter(self.exits.values())).layer).__name__, **(extra or {})}
         (folder / CONFIG).write_text(json.dumps(meta, indent=1))
 
@@ -242,7 +212,7 @@ class BalconyModel(nn.Module):
                              f"this backbone's is {backbone_fingerprint!r}")
         if depths is not None and sorted(depths) != sorted(meta["depths"]):
             raise InputError(f"{exits_dir / CONFIG}: depths is {meta['depths']}, this config's exits.depths is {depths}")
-        model = cls(backbone, meta["depths"], kind=meta.get("kind", "balcony"))
+        model = cls(backbone, meta["depths"], kind=meta.get("kind", "balcony"), init=meta.get("init", "last_layer"))
         model.meta = meta
         state = load_file(str(exits_dir / WEIGHTS))
         missing, unexpected = model.exits.load_state_dict(state, strict=False)

@@ -72,7 +72,7 @@ def score_batch(model: BalconyModel, baselines: list[BalconyModel], variants: li
     exits, final = model(input_ids, full=True, taps=taps)
     n = input_ids.numel()
     labels = next_token_labels(input_ids)
-    norm, head = model.backbone.model.norm, model.lm_head
+    norm, head = model.decoder.norm, model.logits
     hidden = {"full": final}
     hidden.update({f"exit@{k}": h for k, h in exits.items()})
     hidden.update({f"lens@{k}": norm(h) for k, h in taps.items()})

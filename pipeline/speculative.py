@@ -54,47 +54,37 @@ class _SharedCacheRunner:
         from transformers import DynamicCache
 
         self.model, self.depth, self.layers = model, depth, model.num_layers
-        self.inner = model.backbone.model
-        self.exit = model.exits[str(depth)]
-        config = copy.deepcopy(model.backbone.config)
-        types = getattr(config, "layer_types", None)
-        if types:
-            config.layer_types = [*types, types[-1]]
-        config.num_hidden_layers = self.layers + 1  # slot L: the exit layer
+        self.decoder, self.exit = model.decoder, model.exits[str(depth)]
+        config = copy.deepcopy(self.decoder.config)
+        config.layer_types = [*self.decoder.types, self.exit.layer_type]  # slot L: the exit layer
+        config.num_hidden_layers = self.layers + 1
         self.config, self.cache = config, DynamicCache(config=config)
-        self.types = config.layer_types if types else None
-
-    def _mask(self, hidden, positions, slot):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        sliding = (self.types[slot] == "sliding_attention") if self.types else \
-            getattr(self.config, "sliding_window", None) is not None
-        make = create_sliding_window_causal_mask if sliding else create_causal_mask
-        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=self.cache,
-                    position_ids=positions, layer_idx=slot)
+        # sliding-window layers keep what a crop may need to roll back, until the crop (see crop)
+        self.cache.activate_past_recording()
 
     def _layer(self, layer, slot, hidden, positions):
-        rotary = self.inner.rotary_emb(hidden, positions)
-        return layer(hidden, attention_mask=self._mask(hidden, positions, slot), position_ids=positions,
-                     position_embeddings=rotary, cache=self.cache, use_cache=True)
+        kind = self.config.layer_types[slot]
+        arguments = self.decoder.layer_arguments(hidden, positions, {kind}, self.cache, slot, self.config)
+        return layer(hidden, **arguments[kind])
 
     def backbone(self, hidden, start: int, stop: int, positions):
         for index in range(start, stop):
-            hidden = self._layer(self.inner.layers[index], index, hidden, positions)
+            hidden = self._layer(self.decoder.layers[index], index, hidden, positions)
         return hidden
 
     def exit_logits(self, hidden, positions):
         with _cache_slot(self.exit.layer, self.layers):
             out = self._layer(self.exit.layer, self.layers, hidden, positions)
-        return self.model.lm_head(self.exit.norm(out))
+        return self.decoder.logits(self.exit.norm(out))
 
     def full_logits(self, hidden):
-        return self.model.lm_head(self.inner.norm(hidden))
+        return self.decoder.logits(self.decoder.norm(hidden))
 
     def crop(self, slots: range, remove: int) -> None:
-        if remove > 0:
-            for slot in slots:
-                self.cache.layers[slot].crop(-remove)
+        """Drop the last `remove` positions (0: none) of each slot; a sliding-window slot also goes
+        back to its window (what activate_past_recording kept since the last crop)."""
+        for slot in slots:
+            self.cache.layers[slot].crop(-remove)
 
 
 @torch.no_grad()
@@ -104,7 +94,7 @@ def speculative_generate(model: BalconyModel, input_ids: torch.Tensor, depth: in
     if input_ids.shape[0] != 1:
         raise ValueError("speculative decoding runs one sequence at a time")
     run, stats, k, L = _SharedCacheRunner(model, depth), SpeculativeStats(), depth, model.num_layers
-    embed = model.backbone.model.embed_tokens
+    embed = model.decoder.embed
 
     def positions(start: int, count: int = 1):
         return torch.arange(start, start + count, device=input_ids.device).unsqueeze(0)
@@ -133,8 +123,7 @@ def speculative_generate(model: BalconyModel, input_ids: torch.Tensor, depth: in
         run.crop(range(L), draft_tokens - accepted)
         if accepted == draft_tokens:  # the exit never saw the last draft: give its slot that position
             run.exit_logits(states[-1], positions(length + draft_tokens))
-        else:
-            run.crop(range(L, L + 1), draft_tokens - accepted - 1)
+        run.crop(range(L, L + 1), max(0, draft_tokens - accepted - 1))
         length += accepted + 1
         generated += drafts[:accepted] + [verified[accepted]]
         if eos_token_id in generated:

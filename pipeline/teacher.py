@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TeacherConfig
+from pipeline.decoder import Decoder
 from pipeline.losses import exact_kl, kl_to_target
 from pipeline.targets import SparseTarget, TargetFormat
 
@@ -62,11 +63,11 @@ class FidelityMeter:
 
 class Teacher:
     def __init__(self, lm, fmt: TargetFormat, cfg: TeacherConfig):
-        self.lm, self.fmt, self.cfg = lm, fmt, cfg
+        self.decoder, self.fmt, self.cfg = Decoder(lm), fmt, cfg
         self.device = next(lm.parameters()).device
         # The probe student: the logit lens one layer below the top. On SmolLM2 its KL to the full
         # model is ~3 nats, the scale of a working exit (half-depth lenses are at ~17 nats).
-        self.lens_depth = max(1, len(lm.model.layers) - 1)
+        self.lens_depth = max(1, self.decoder.num_layers - 1)
         self.fidelity = FidelityMeter()
 
     def _forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,9 +77,9 @@ class Teacher:
         if self.cfg.fidelity_positions:
             def keep(module, args, output):
                 captured["h"] = output[0] if isinstance(output, tuple) else output
-            hook = self.lm.model.layers[self.lens_depth - 1].register_forward_hook(keep)
+            hook = self.decoder.layers[self.lens_depth - 1].register_forward_hook(keep)
         try:
-            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = self.decoder.final_hidden(input_ids)
         finally:
             if hook is not None:
                 hook.remove()
@@ -101,7 +102,7 @@ class Teacher:
         pieces: dict[str, list[torch.Tensor]] = {}
         for start in range(0, batch * length, self.cfg.chunk_size):
             stop = min(start + self.cfg.chunk_size, batch * length)
-            logits = self.lm.lm_head(hidden[start:stop]).float()
+            logits = self.decoder.logits(hidden[start:stop]).float()
             rows = [p - start for p in probes if start <= p < stop]
             probe_logprobs = logits[rows].log_softmax(-1) if rows else None  # before select overwrites logits
             chosen, values = self.fmt.select(logits, None if uniforms is None else uniforms[start:stop])
@@ -116,5 +117,5 @@ class Teacher:
         return [{name: array[b] for name, array in arrays.items()} for b in range(batch)]
 
     def _probe(self, teacher_logprobs, encoded, lens_hidden) -> None:
-        student_logits = self.lm.lm_head(self.lm.model.norm(lens_hidden)).float()
+        student_logits = self.decoder.logits(self.decoder.norm(lens_hidden)).float()
         self.fidelity.update(self.fmt, teacher_logprobs, self.fmt.decode(encoded), student_logits)

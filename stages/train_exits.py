@@ -170,7 +170,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
             for _ in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
-                    kls = exit_losses(engine, model.lm_head, model.depths, batch, fmt, cfg.train.chunk_size,
+                    kls = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
                                       cfg.train.objective)
                 engine.backward(kls.mean())
                 engine.step()

@@ -5,20 +5,10 @@ import torch
 from pipeline.backbone import load_backbone
 from pipeline.balcony import BalconyModel
 from pipeline.config import ModelConfig
+from pipeline.decoder import check_supported
 from pipeline.errors import ConfigError, InputError
 
 from conftest import BACKBONE
-
-
-def _tiny(kind: str):
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
-
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    config = {"qwen2": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=2),
-              "mistral": lambda: MistralConfig(**common, sliding_window=6)}[kind]()
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +16,15 @@ def smollm(assets):
     return load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=4))
 
 
-def _models(smollm):
-    return [("smollm2", smollm), ("qwen2", _tiny("qwen2")), ("mistral", _tiny("mistral"))]
-
-
-@pytest.mark.parametrize("index", [0, 1, 2])
-def test_full_depth_equals_hf_and_exits_equal_hand_assembly(smollm, index):
-    name, lm = _models(smollm)[index]
-    model = BalconyModel(lm, [1, 3])
-    ids = torch.randint(0, lm.config.vocab_size, (2, 16))
+def test_full_depth_equals_hf_and_the_forward_stops_at_the_deepest_exit(smollm):
+    """The real (truncated) backbone; every other family is in tests/test_families.py."""
+    model = BalconyModel(smollm, [1, 3])
+    ids = torch.randint(0, smollm.config.vocab_size, (2, 16))
     with torch.no_grad():
-        exits, final = model(ids, full=True)
-        reference = lm(ids, output_hidden_states=True)
-        assert torch.equal(model.lm_head(final), reference.logits), name
-        for depth in (1, 3):
-            # hand assembly: HF's hidden state after `depth` layers -> exit layer -> exit norm -> head
-            exit_ = model.exits[str(depth)]
-            hidden = reference.hidden_states[depth]
-            positions = torch.arange(16).unsqueeze(0)
-            rotary = lm.model.rotary_emb(hidden, positions)
-            mask = model._masks(hidden, positions)[-1]
-            expected = lm.lm_head(exit_.norm(exit_.layer(hidden, attention_mask=mask, position_ids=positions,
-                                                         position_embeddings=rotary)))
-            assert torch.allclose(model.lm_head(exits[depth]), expected, atol=1e-5), (name, depth)
-    # the forward without the full model stops at the deepest exit
+        _, final = model(ids, full=True)
+        assert torch.equal(model.logits(final), smollm(ids).logits)
     calls = []
-    hook = lm.model.layers[3].register_forward_hook(lambda *a: calls.append(1))
+    hook = smollm.model.layers[3].register_forward_hook(lambda *a: calls.append(1))
     model(ids)
     hook.remove()
     assert calls == []
@@ -93,8 +66,34 @@ def test_refusals(smollm):
     with pytest.raises(ConfigError, match="exits.depths: at least one"):
         BalconyModel(smollm, [])
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(InputError, match="GPT2LMHeadModel is not a supported decoder-only LM"):
+    with pytest.raises(InputError, match="GPT2LMHeadModel is not a supported decoder-only LM: it has no "
+                                         "model.embed_tokens, model.layers, model.norm, model.rotary_emb"):
         BalconyModel(gpt2, [1])
+
+
+def test_multimodal_checkpoint_loads_as_its_text_model_and_encoder_decoders_are_refused(tmp_path):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    gemma3 = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config={"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)).eval()
+    gemma3.save_pretrained(tmp_path / "gemma3")
+    lm = load_backbone(ModelConfig(backbone=str(tmp_path / "gemma3")))
+    assert type(lm).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(3, 290, (1, 12))
+    with torch.no_grad():
+        _, final = BalconyModel(lm, [1])(ids, full=True)
+        assert torch.equal(BalconyModel(lm, [1]).logits(final), gemma3(input_ids=ids).logits)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(InputError, match="model.backbone: T5ForConditionalGeneration is an encoder-decoder model"):
+        check_supported(t5)
+    t5.save_pretrained(tmp_path / "t5")
+    with pytest.raises(InputError, match="model.backbone: cannot load .*t5 .*Unrecognized configuration class"):
+        load_backbone(ModelConfig(backbone=str(tmp_path / "t5")))
 
 
 def test_export_load_round_trip(smollm, tmp_path):

@@ -1,0 +1,170 @@
+"""The one place that knows how a Hugging Face decoder-only LM runs, layer by layer.
+
+Balcony branches off the backbone between layers, so it cannot call the model's forward as a whole:
+BalconyModel, the self-speculative decoder, the teacher stage and the evaluation run the layers
+themselves, and `Decoder` gives each layer what the model's own forward would give it:
+
+- the embeddings, scaled as the model scales them (Gemma inside its embedding module, Granite by
+  `config.embedding_multiplier`);
+- per layer type (`config.layer_types`: full, sliding or chunked attention) the attention mask,
+  made by transformers' own mask functions, and the rotary position embeddings (one rotary module
+  for every layer, or, as in Gemma 3, one called per layer type for local and global RoPE);
+- the final norm, and the head: `lm_head`, then Granite's `logits_scaling` and Gemma's
+  `final_logit_softcapping`.
+
+What each family needs is read from its modules and config, not from a list of families; the
+family matrix in tests/test_families.py checks every path against the model's own forward.
+Models without this layout (encoder-decoders, multimodal wrappers, no rotary module) are refused
+at load with what is missing.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+
+FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
+
+
+def text_decoder(lm):
+    """A multimodal causal LM (e.g. Gemma 3 4B+: Gemma3ForConditionalGeneration) as the causal LM of
+    its text model alone, sharing its weights (the vision tower is dropped); any other model as is.
+    Refused, with advice, when transformers has no causal-LM class for the text model."""
+    inner = getattr(lm, "model", None)
+    if inner is None or not hasattr(inner, "language_model") or not hasattr(lm, "lm_head"):
+        return lm
+    from transformers import AutoModelForCausalLM
+
+    text_config = lm.config.get_text_config()
+    try:
+        with torch.device("meta"):  # no memory for weights that are replaced next
+            text_lm = AutoModelForCausalLM.from_config(text_config)
+    except ValueError:
+        text_lm = None
+    if text_lm is None or type(text_lm.model) is not type(inner.language_model):
+        raise InputError(f"model.backbone: {type(lm).__name__} is multimodal and its text model "
+                         f"{type(inner.language_model).__name__} has no causal-LM class in transformers; give the "
+                         "checkpoint of a text-only decoder")
+    text_lm.model, text_lm.lm_head = inner.language_model, lm.lm_head
+    return text_lm.eval()
+
+
+def check_supported(lm) -> None:
+    """Refuse, naming the model class and what is missing, anything the Decoder cannot run."""
+    name = type(lm).__name__
+    config = getattr(lm, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"model.backbone: {name} is an encoder-decoder model; Balcony needs a decoder-only LM")
+    inner = getattr(lm, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    missing = [f"model.{n}" for n in needed if not hasattr(inner, n)] + ([] if hasattr(lm, "lm_head") else ["lm_head"])
+    if missing:
+        raise InputError(f"model.backbone: {name} is not a supported decoder-only LM: it has no "
+                         f"{', '.join(missing)} (Balcony runs model.embed_tokens, model.layers with a shared "
+                         "model.rotary_emb, model.norm and lm_head)")
+    types = set(layer_types(config))
+    unknown = types - set(_mask_functions())
+    if unknown:
+        raise InputError(f"model.backbone: {name} has layer types {sorted(unknown)} that Balcony does not know "
+                         f"(known: {sorted(_mask_functions())})")
+
+
+def layer_types(config) -> list[str]:
+    """The attention type of each layer: config.layer_types, else what transformers' KV cache infers
+    without them: sliding for every layer when the config has a sliding window (Mistral), chunked
+    with an attention chunk size, else full attention."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(config, "sliding_window", None) is not None:
+        return [SLIDING] * config.num_hidden_layers
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return [CHUNKED] * config.num_hidden_layers
+    return [FULL] * config.num_hidden_layers
+
+
+def _mask_functions() -> dict:
+    from transformers.masking_utils import (create_causal_mask, create_chunked_causal_mask,
+                                            create_sliding_window_causal_mask)
+
+    return {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask, CHUNKED: create_chunked_causal_mask}
+
+
+class Decoder:
+    """A loaded HF causal LM seen as embeddings -> layers -> norm -> head."""
+
+    def __init__(self, lm):
+        check_supported(lm)
+        self.lm, self.inner, self.config = lm, lm.model, lm.config
+        self.types = layer_types(self.config)
+        rotary = inspect.signature(self.inner.rotary_emb.forward).parameters
+        self._rotary_per_type = "layer_type" in rotary  # Gemma 3: local and global RoPE from one module
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.inner.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.inner.layers)
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.inner.norm
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.inner.embed_tokens(input_ids)
+        scale = getattr(self.config, "embedding_multiplier", None)  # Granite scales in the model's forward
+        return hidden * scale if scale is not None else hidden
+
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own forward up to its final norm (no cache): the full model's normed hidden states."""
+        return self.inner(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on normed hidden states, with the model's own output scaling and softcapping."""
+        logits = self.lm.lm_head(hidden)
+        scaling = getattr(self.config, "logits_scaling", None)  # Granite
+        if scaling is not None:
+            logits = logits / scaling
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2 / 3
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def layer_arguments(self, hidden: torch.Tensor, positions: torch.Tensor, types: set[str], cache=None,
+                        slot: int | None = None, config=None) -> dict[str, dict]:
+        """For each layer type in `types`, the keyword arguments a layer of that type gets from the
+        model's own forward for `hidden` at `positions`. With a KV cache, the mask is made for the
+        cache's layer `slot` (whose length may differ from other slots', as in speculative decoding);
+        `config` is the one the cache was made from, when it has more layers than the model."""
+        masks = _mask_functions()
+        shared_rotary = None if self._rotary_per_type else self.inner.rotary_emb(hidden, positions)
+        out = {}
+        for kind in types:
+            mask = masks[kind](config=config or self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                               position_ids=positions, **({"layer_idx": slot} if slot is not None else {}))
+            rotary = self.inner.rotary_emb(hidden, positions, kind) if self._rotary_per_type else shared_rotary
+            out[kind] = {"attention_mask": mask, "position_ids": positions, "position_embeddings": rotary,
+                         **({"cache": cache, "use_cache": True} if cache is not None else {})}
+        return out
+
+    def with_top(self, depth: int, layer: nn.Module, norm: nn.Module, layer_type: str):
+        """An HF causal LM of the same class running layers[:depth], then `layer` (of `layer_type`,
+        as layer `depth`) and `norm` as its final norm; every weight shared, nothing copied. HF's own
+        forward and generate() then run it: KV cache, sampling, padding, softcapping."""
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = depth + 1
+        config.layer_types = self.types[:depth] + [layer_type]
+        inner = copy.copy(self.inner)
+        inner._modules = dict(inner._modules)
+        inner.layers = nn.ModuleList([*self.layers[:depth], layer])
+        inner.norm, inner.config = norm, config
+        outer = copy.copy(self.lm)
+        outer._modules = dict(outer._modules)
+        outer.model, outer.config = inner, config
+        return outer

@@ -1,0 +1,126 @@
+"""The family matrix: every supported decoder family, as a tiny random-weight model (tests/families.py),
+through every path that runs the backbone layer by layer (pipeline/decoder.py), each checked against
+the model's own forward or a step-by-step loop over our forward, never HF against itself."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.balcony import BalconyModel
+from pipeline.config import TeacherConfig
+from pipeline.speculative import speculative_generate
+from pipeline.targets import TargetFormat
+from pipeline.teacher import Teacher
+
+from conftest import ROOT
+from families import FAMILIES, perturb_exits, tiny
+
+NAMES = list(FAMILIES)
+DEPTHS = [1, 2]
+# Where our arithmetic is not HF's op for op, the tolerance it needs (none today: every family is bit-exact).
+TOLERANCE = {}
+
+
+def _ids(lm, length: int = 20, batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, lm.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
+    return torch.equal(a, b) if name not in TOLERANCE else torch.allclose(a, b, atol=TOLERANCE[name], rtol=0)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def family(request):
+    return request.param, tiny(request.param)
+
+
+def test_full_path_equals_the_models_own_forward(family):
+    name, lm = family
+    model = BalconyModel(lm, DEPTHS)
+    ids = _ids(lm)
+    with torch.no_grad():
+        _, final = model(ids, full=True)
+        assert _close(model.logits(final), lm(ids).logits, name), name
+
+
+def test_next_layer_exit_starts_as_the_models_own_layer(family):
+    """Untrained, a next_layer exit at k is layers[k] + the final norm: the model's own logit lens at
+    k+1 (HF's hidden states), so the exit layer gets the mask and RoPE of layers[k]'s type."""
+    name, lm = family
+    model = BalconyModel(lm, DEPTHS, init="next_layer")
+    ids = _ids(lm)
+    with torch.no_grad():
+        exits, _ = model(ids)
+        hidden = lm(ids, output_hidden_states=True).hidden_states  # [embeddings, after layer 1, ...]
+        for depth in DEPTHS:
+            lens = model.logits(lm.model.norm(hidden[depth + 1]))
+            assert _close(model.logits(exits[depth]), lens, name), (name, depth)
+
+
+@pytest.mark.parametrize("init", ["last_layer", "next_layer"])
+def test_exit_view_and_cached_generate_equal_the_exits_forward(family, init):
+    """view(k) is an HF model of k+1 layers: its logits, and generate() with its KV cache, must equal
+    BalconyModel's own forward at exit k (the exit layer gets its source layer's mask and RoPE)."""
+    name, lm = family
+    model = BalconyModel(lm, DEPTHS, init=init)
+    perturb_exits(model)
+    ids = _ids(lm)
+    with torch.no_grad():
+        exits, _ = model(ids)
+        for depth in DEPTHS:
+            assert _close(model.view(depth)(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
+    prompt, steps = _ids(lm, 6, 1), 10  # 6 + 10 tokens: past the 8-token sliding windows
+    for depth in DEPTHS:
+        cached = model.generate(prompt, exit=depth, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+        by_hand = prompt
+        with torch.no_grad():
+            for _ in range(steps):
+                exits, _ = model(by_hand)
+                by_hand = torch.cat([by_hand, model.logits(exits[depth][:, -1]).argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(cached, by_hand), (name, init, depth)
+
+
+def test_self_speculative_decoding_equals_greedy_full_decoding(family):
+    name, lm = family
+    model = BalconyModel(lm, DEPTHS)
+    perturb_exits(model)
+    prompt, steps = _ids(lm, 6, 1), 12
+    greedy = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            _, final = model(greedy, full=True)
+            greedy = torch.cat([greedy, model.logits(final[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    for depth, draft in ((1, 3), (2, 2)):
+        ours, stats = speculative_generate(model, prompt, depth, steps, draft_tokens=draft, eos_token_id=None)
+        assert torch.equal(ours, greedy), (name, depth)
+        assert stats.rounds > 0
+
+
+def test_teacher_targets_equal_those_of_the_models_own_logits(family):
+    """Softcapped (Gemma) and scaled (Granite) logits included: the targets are of what the model outputs."""
+    name, lm = family
+    cfg = TeacherConfig(k=16, fidelity_positions=0, chunk_size=16)
+    fmt = TargetFormat(cfg, lm.config.vocab_size)
+    ids = _ids(lm)
+    ours = Teacher(lm, fmt, cfg).targets(ids.numpy(), ["a", "b"])
+    with torch.no_grad():
+        logits = lm(ids).logits.flatten(0, 1).float()
+    reference = fmt.encode(*fmt.select(logits, None))
+    for b, sample in enumerate(ours):
+        for key, array in reference.items():
+            expected = array.cpu().numpy().reshape(2, 20, *array.shape[1:])[b]
+            assert np.array_equal(sample[key], expected), (name, key)
+
+
+def test_one_deepspeed_step_lowers_every_family_s_exit_loss():
+    """One ZeRO-2 step (one rank, gloo) per family, in a process of its own (DeepSpeed joins a process group)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "family_train_step.py"), *NAMES],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(losses) == sorted(NAMES)
+    for name, (before, after) in losses.items():
+        assert after < before, (name, before, after)
