@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.decoder import Decoder
+from pipeline.decoder import Decoder, assign_cache_slot
 from pipeline.errors import ConfigError, InputError
 
 FORMAT_VERSION = 1
@@ -100,9 +100,7 @@ class BalconyModel(nn.Module):
         self.meta: dict = {}  # balcony_config.json of exits loaded by from_pretrained (e.g. their objective)
         self.exits = nn.ModuleDict({str(k): make_exit(self.decoder, k, kind, init) for k in self.depths})
         for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
-            for module in exit_.layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = int(k)
+            assign_cache_slot(exit_.layer, int(k))
 
     @property
     def num_layers(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -168,3 +169,42 @@ class Decoder:
         outer._modules = dict(outer._modules)
         outer.model, outer.config = inner, config
         return outer
+
+    def cache(self, extra_types: list[str]):
+        """A KV cache for the model's layers plus one slot per extra layer (of the given types),
+        whose sliding-window slots keep what a later crop may roll back (`crop`). Returns the cache
+        and the config it was made from (for the masks of its slots: `layer_arguments`)."""
+        from transformers import DynamicCache
+
+        config = copy.deepcopy(self.config)
+        config.layer_types = [*self.types, *extra_types]
+        config.num_hidden_layers = len(config.layer_types)
+        cache = DynamicCache(config=config)
+        cache.activate_past_recording()
+        return cache, config
+
+    @staticmethod
+    def crop(cache, slot: int, remove: int) -> None:
+        """Drop the last `remove` positions (0: none) of a cache slot; a sliding-window slot also goes
+        back to its window."""
+        cache.layers[slot].crop(-remove)
+
+
+def assign_cache_slot(layer: nn.Module, slot: int) -> None:
+    """Make a decoder layer read and write KV-cache slot `slot` (HF attention keeps it as layer_idx)."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = slot
+
+
+@contextmanager
+def cache_slot(layer: nn.Module, slot: int):
+    """A decoder layer on another KV-cache slot for the duration of the block."""
+    owners = [m for m in layer.modules() if hasattr(m, "layer_idx")]
+    before = [m.layer_idx for m in owners]
+    assign_cache_slot(layer, slot)
+    try:
+        yield
+    finally:
+        for m, index in zip(owners, before):
+            m.layer_idx = index

@@ -15,13 +15,12 @@ drafted tokens that are accepted, each costing k+1 instead of L layers.
 """
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.balcony import BalconyModel
+from pipeline.decoder import cache_slot
 
 
 @dataclass
@@ -35,32 +34,11 @@ class SpeculativeStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-@contextmanager
-def _cache_slot(module: torch.nn.Module, slot: int):
-    """Point a layer at another KV-cache slot for the duration of the block."""
-    owners = [m for m in module.modules() if hasattr(m, "layer_idx")]
-    before = [m.layer_idx for m in owners]
-    for m in owners:
-        m.layer_idx = slot
-    try:
-        yield
-    finally:
-        for m, idx in zip(owners, before):
-            m.layer_idx = idx
-
-
 class _SharedCacheRunner:
     def __init__(self, model: BalconyModel, depth: int):
-        from transformers import DynamicCache
-
         self.model, self.depth, self.layers = model, depth, model.num_layers
         self.decoder, self.exit = model.decoder, model.exits[str(depth)]
-        config = copy.deepcopy(self.decoder.config)
-        config.layer_types = [*self.decoder.types, self.exit.layer_type]  # slot L: the exit layer
-        config.num_hidden_layers = self.layers + 1
-        self.config, self.cache = config, DynamicCache(config=config)
-        # sliding-window layers keep what a crop may need to roll back, until the crop (see crop)
-        self.cache.activate_past_recording()
+        self.cache, self.config = self.decoder.cache([self.exit.layer_type])  # slot L: the exit layer
 
     def _layer(self, layer, slot, hidden, positions):
         kind = self.config.layer_types[slot]
@@ -73,7 +51,7 @@ class _SharedCacheRunner:
         return hidden
 
     def exit_logits(self, hidden, positions):
-        with _cache_slot(self.exit.layer, self.layers):
+        with cache_slot(self.exit.layer, self.layers):
             out = self._layer(self.exit.layer, self.layers, hidden, positions)
         return self.decoder.logits(self.exit.norm(out))
 
@@ -81,10 +59,9 @@ class _SharedCacheRunner:
         return self.decoder.logits(self.decoder.norm(hidden))
 
     def crop(self, slots: range, remove: int) -> None:
-        """Drop the last `remove` positions (0: none) of each slot; a sliding-window slot also goes
-        back to its window (what activate_past_recording kept since the last crop)."""
+        """Drop the last `remove` positions (0: none) of each slot (Decoder.crop)."""
         for slot in slots:
-            self.cache.layers[slot].crop(-remove)
+            self.decoder.crop(self.cache, slot, remove)
 
 
 @torch.no_grad()
