@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "bench" / "study.yaml"  # the demo recipe before the study, frozen
 DEMO_TOKENS = 163_840  # the demo's budget before this study: rows compare at it unless they say otherwise
@@ -86,7 +88,7 @@ def stage_command(script: str, nproc: int, overrides: list[str], config: Path = 
     python = Path(sys.executable)
     args = [str(ROOT / "stages" / script), "--config", str(config), *overrides]
     if nproc > 1:
-        return [str(python.parent / "deepspeed"), "--num_gpus", str(nproc), *args]
+        return [str(python.parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
     return [str(python), *args]
 
 

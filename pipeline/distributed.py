@@ -42,7 +42,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
             env["MASTER_ADDR"] = _first_slurm_host()
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))  # same on every task
     if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     local_rank = int(env.get("LOCAL_RANK", 0))
     if cuda:
@@ -68,7 +68,8 @@ def _first_slurm_host() -> str:
     return fields.get("NodeAddr", first)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous on this machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.config import ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
+from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, completed_record
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
@@ -77,8 +78,9 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
             continue
         started = time.perf_counter()
         if stage == "train-exits":  # one process per GPU, or nproc gloo ranks sharing the CPU cores
+            # a free rendezvous port: DeepSpeed's default 29500 collides with any other run on this machine
             command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-                       *stage_command(stage, config, overrides)]
+                       "--master_port", str(free_port()), *stage_command(stage, config, overrides)]
             threads = str(max(1, (os.cpu_count() or 1) // nproc))  # more threads than cores: 25-100x slower
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         else:

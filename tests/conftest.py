@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 BACKBONE = ASSETS / "smollm2-135m-instruct"
@@ -133,7 +135,8 @@ def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
 
 def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1) -> list[str]:
     """The stage as a user starts it; train-exits with ranks > 1 under the deepspeed launcher."""
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks)] if ranks > 1 else [sys.executable]
+    launcher = ([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+                if ranks > 1 else [sys.executable])
     return [*launcher, str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
 
 

@@ -13,6 +13,7 @@ import torch
 from pipeline.backbone import backbone_fingerprint, load_backbone
 from pipeline.balcony import BalconyModel
 from pipeline.config import load_config
+from pipeline.distributed import free_port
 
 from conftest import ROOT, config_file, losses_by_step, run_stage
 
@@ -38,7 +39,7 @@ def _clone_inputs(src: Path, dst: Path) -> None:
 
 def deepspeed(config: Path, *overrides: str, launcher: str = "deepspeed", check: bool = True):
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", SCRIPT]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT]
     else:
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", SCRIPT]
     proc = subprocess.run([*cmd, "--config", str(config), *overrides], capture_output=True, text=True, env=ENV, cwd=ROOT)
