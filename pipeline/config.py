@@ -21,8 +21,10 @@ import yaml
 from pipeline.errors import ConfigError
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None, doc=""):
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc})
+def _num(default, *, ge=None, gt=None, le=None, lt=None, doc="", hashed=True):
+    """A numeric field with its range. `hashed=False`: how a run executes, not what it computes (batch
+    and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "hashed": hashed})
 
 
 @dataclass
@@ -113,8 +115,8 @@ class TeacherConfig:
     logprob_bits: int = _num(12, ge=4, le=16, doc="bits per quantised log-prob (compact)")
     fidelity_positions: int = _num(64, ge=0, doc="positions per batch checked against the full distribution")
     seed: int = _num(0, ge=0, doc="draws of the sampled format")
-    batch_size: int = _num(8, gt=0)
-    chunk_size: int = _num(1024, gt=0, doc="positions per log-softmax chunk")
+    batch_size: int = _num(8, gt=0, hashed=False)
+    chunk_size: int = _num(1024, gt=0, doc="positions per log-softmax chunk", hashed=False)
 
 
 @dataclass
@@ -136,14 +138,14 @@ class TrainConfig:
     # bf16 autocast of the matmuls (backbone prefix, exits, head) with fp32 weights and losses: ~2x on
     # CPUs with avx512_bf16 / AMX; on a GPU, precision=bf16 already runs in bf16
     autocast_bf16: bool = False
-    checkpoint_every: int = _num(200, gt=0, doc="optimizer steps")
-    keep_checkpoints: int = _num(2, gt=0)
+    checkpoint_every: int = _num(200, gt=0, doc="optimizer steps", hashed=False)
+    keep_checkpoints: int = _num(2, gt=0, hashed=False)
     max_steps: int = _num(0, ge=0, doc="0: one pass over the cached targets")
     # steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (same files as the
     # final export): a learning curve from one run, each point scored by the evaluate stage. Not part
     # of the config hash: adding snapshots to a run under way does not change what it trains.
     snapshots: list[int] = field(default_factory=list, metadata={"hashed": False})
-    chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk")
+    chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk", hashed=False)
     num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
     online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
     objective: Literal["kl", "ce"] = "kl"  # ce: next-token cross-entropy (the EE-Tuning baseline)
@@ -165,8 +167,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_sequences: int = _num(0, ge=0, doc="held-out sequences to score; 0: all")
-    batch_size: int = _num(4, gt=0)
-    chunk_size: int = _num(1024, gt=0)
+    batch_size: int = _num(4, gt=0, hashed=False)
+    chunk_size: int = _num(1024, gt=0, hashed=False)
     # exported baselines (RUN/exits folders) scored beside the Balcony exits: a tuned lens
     # (exits.kind=tuned_lens) and/or exits trained with train.objective=ce
     baselines: list[str] = field(default_factory=list)

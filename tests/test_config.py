@@ -107,6 +107,10 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     assert load_config(a).hash("data") == load_config(a, ["train.lr=0.1"]).hash("data")
     assert load_config(a).hash("data") != load_config(a, ["data.seed=1"]).hash("data")
     assert load_config(a).hash() != load_config(a, ["train.lr=0.1"]).hash()
+    # how a run executes may change on resume: batch and chunk sizes, checkpoint cadence, snapshots
+    execution = ["teacher.batch_size=2", "teacher.chunk_size=64", "train.chunk_size=64", "train.checkpoint_every=7",
+                 "train.keep_checkpoints=5", "train.snapshots=[3]", "eval.batch_size=1", "eval.chunk_size=32"]
+    assert load_config(a).hash() == load_config(a, execution).hash()
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "llama3-8b.yaml"])
