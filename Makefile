@@ -32,12 +32,13 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve pipeline status test bench mlflow-ui slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve pipeline status test test-unit bench mlflow-ui slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
-	@echo "make test    - set up, prepare assets, run the test suite"
+	@echo "make test    - set up, prepare assets, install SLURM/munge/Chromium (root), run the test suite"
+	@echo "make test-unit - the tests that need no root or system service (no SLURM, Chromium, tmpfs)"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
 	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - all four stages in order, or a chain of SLURM jobs"
@@ -82,7 +83,7 @@ NPROC ?= 2
 pipeline: assets
 	$(LAUNCH) --nproc $(NPROC) $(if $(WAIT),--wait) $(ARGS)
 
-status:
+status: setup
 	$(LAUNCH) --status $(ARGS)
 
 # One rank of 2 threads: the demo recipe's 512-token steps are one sequence each.
@@ -139,6 +140,10 @@ system-deps:
 
 test: assets system-deps
 	$(PY) -m pytest tests
+
+# Without root or system services: every test but those marked `system` (SLURM, Chromium, tmpfs).
+test-unit: assets
+	$(PY) -m pytest tests -m "not system"
 
 bench: assets
 	$(PY) bench/teacher_bench.py

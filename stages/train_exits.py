@@ -173,6 +173,8 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
                     kls = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
                                       cfg.train.objective)
                 engine.backward(kls.mean())
+                # on every micro-step, as DeepSpeed wants: it steps the optimizer (and the scheduler)
+                # only at the gradient-accumulation boundary, and merely counts the others
                 engine.step()
                 step_kl += kls.detach() / accumulation
             dist.all_reduce(step_kl)

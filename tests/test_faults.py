@@ -143,6 +143,7 @@ def test_kills_in_evaluate(finished_run, tmp_path, tracking_uri, ledger):
 # ---------------------------------------------------------------- write failures
 
 
+@pytest.mark.system  # mounts a tmpfs: root
 def test_full_disk_then_rerun(finished_run, tmp_path, tracking_uri, ledger):
     """A real full disk: a 128 KiB tmpfs holds run.dir. One clear error, committed shards intact;
     once the disk grows, the rerun completes with the uninterrupted run's bytes."""
@@ -150,7 +151,7 @@ def test_full_disk_then_rerun(finished_run, tmp_path, tracking_uri, ledger):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+        pytest.fail("cannot mount a tmpfs here (needs root; `make test-unit` leaves this test out)")
     try:
         config = tiny_config(tmp_path, tracking_uri, "full", run={"dir": str(disk / "run")})
         proc = run_command(stage_command("tokenize", config), check=False)

@@ -113,6 +113,7 @@ def test_server_binds_localhost_only(mlflow_ui):
     assert listening == [f"0100007F:{port}"], listening
 
 
+@pytest.mark.system  # Chromium (a Debian package)
 def test_compare_page_in_chromium(mlflow_ui, two_pipelines, tmp_path):
     import mlflow
 

@@ -13,6 +13,8 @@ import yaml
 
 from conftest import ROOT, config_file, tree_bytes
 
+pytestmark = pytest.mark.system  # a local SLURM cluster (slurmctld, slurmd, munge: Debian packages, root)
+
 TINY = {
     "model": {"num_layers": 3},
     "exits": {"depths": [1, 2]},
