@@ -15,7 +15,7 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.decoder import check_supported, text_decoder
 from pipeline.errors import InputError
-from pipeline.shards import file_sha256
+from pipeline.shards import atomic_write, file_sha256
 
 
 def load_tokenizer(model: ModelConfig):
@@ -107,10 +107,7 @@ def _file_sha256_cached(path: Path) -> str:
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     if key not in cache:
         cache[key] = file_sha256(path)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps(cache).encode(), shared=True)  # other processes may write it too
     return cache[key]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline.decoder import Decoder, assign_cache_slot
 from pipeline.errors import ConfigError, InputError
+from pipeline.shards import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
@@ -182,15 +183,15 @@ class BalconyModel(nn.Module):
                 for name, p in exit_.state_dict().items()}
 
     def save_exits(self, folder: Path, backbone_fingerprint: str, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        """exits.safetensors, then balcony_config.json: each written atomically, the config last, so
+        its presence marks a complete export."""
+        from safetensors.torch import save
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.exit_state_dict(), str(folder / WEIGHTS))
-        (folder / WEIGHTS).chmod(0o644)
+        atomic_write(Path(folder) / WEIGHTS, save(self.exit_state_dict()))
         meta = {"format_version": FORMAT_VERSION, "backbone_fingerprint": backbone_fingerprint,
                 "depths": self.depths, "num_layers": self.num_layers, "kind": self.kind, "init": self.init,
                 "exit_layer": type(next(iter(self.exits.values())).layer).__name__, **(extra or {})}
-        (folder / CONFIG).write_text(json.dumps(meta, indent=1))
+        atomic_write(Path(folder) / CONFIG, json.dumps(meta, indent=1).encode())
 
     @classmethod
     def from_pretrained(cls, backbone, exits_dir: Path, backbone_fingerprint: str | None = None,

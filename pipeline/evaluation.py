@@ -14,14 +14,17 @@ vocabulary, and top-1 agreement with the full model; all computed chunk by chunk
 """
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from pipeline.balcony import BalconyModel
 from pipeline.losses import kl_from_logprobs, next_token_labels
+from pipeline.shards import atomic_write
 
 
 @dataclass
@@ -186,5 +189,7 @@ def plot(rows: list[dict], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(Path(path), png.getvalue())

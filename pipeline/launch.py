@@ -20,7 +20,7 @@ from pipeline.config import ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
-from pipeline.shards import MANIFEST, completed_record
+from pipeline.shards import MANIFEST, atomic_write, completed_record
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
         previous = job_id
     record = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "pipeline_run": os.environ.get(PIPELINE_RUN, ""),
               "slurm_conf": cluster.slurm_conf, "jobs": [asdict(j) for j in jobs]}
-    (cfg.run_dir / JOBS_FILE).write_text(json.dumps(record, indent=1))
+    atomic_write(cfg.run_dir / JOBS_FILE, json.dumps(record, indent=1).encode())
     return jobs
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pipeline.config import Config, DataConfig
 from pipeline.corpus import ShardPacker, ShardSpec, document_encoder, stream_documents
 from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
-from pipeline.shards import MANIFEST, TOKENS_KEY, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
+from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
 
@@ -191,17 +190,13 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def write_outputs(out, metrics: dict, batches: list[int]) -> None:
-    """Each file under a temporary name, then renamed: metrics.json last, as the mark of completion."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Each file written atomically, metrics.json last, as the mark of completion."""
     text = f"Held-out tokens of this run ({metrics['heldout_tokens']:,} tokens):\n\n" + markdown_table(metrics["rows"], batches)
     for other in metrics["other_data"]:
         text += f"\nQuality on {other['data']} ({other['tokens']:,} tokens):\n\n" + markdown_table(other["rows"], [])
-    (out / ".table.md.tmp").write_text(text)
-    os.replace(out / ".table.md.tmp", out / "table.md")
-    plot(metrics["rows"], out / ".plot.tmp.png")
-    os.replace(out / ".plot.tmp.png", out / "plot.png")
-    (out / ".metrics.json.tmp").write_text(json.dumps(metrics, indent=1))
-    os.replace(out / ".metrics.json.tmp", out / "metrics.json")
+    atomic_write(out / "table.md", text.encode())
+    plot(metrics["rows"], out / "plot.png")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -241,12 +241,7 @@ def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: d
 
     with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            staging = out / ".export"
-            model.save_exits(staging, fingerprint, extra)
-            for name in ("exits.safetensors", EXITS_CONFIG):
-                os.replace(staging / name, out / name)
-            staging.rmdir()
+            model.save_exits(out, fingerprint, extra)
     dist.barrier()
 
 
