@@ -7,10 +7,13 @@ Unknown keys, wrong types and out-of-range values raise ConfigError naming the k
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,29 +22,39 @@ from typing import Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.registry import TRAIN_EXITS
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None, doc="", hashed=True):
+def _num(default, *, ge=None, gt=None, le=None, lt=None, hashed=True):
     """A numeric field with its range. `hashed=False`: how a run executes, not what it computes (batch
     and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "hashed": hashed})
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "hashed": hashed})
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"  # RUN: RUN/tokens, RUN/teacher, RUN/exits, RUN/eval, RUN/logs
-    experiment: str = "balcony"  # MLflow experiment name
-    tracking_uri: str = ""  # empty: the run root's sqlite store RUN/../mlflow.db, shared by sibling runs
+    dir: str = "runs/demo"
+    """The run directory RUN: RUN/tokens, RUN/teacher, RUN/exits, RUN/eval, RUN/logs."""
+    experiment: str = "balcony"
+    """MLflow experiment name."""
+    tracking_uri: str = ""
+    """MLflow store; empty: the sqlite file RUN/../mlflow.db, shared by sibling runs."""
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = ""  # local HF folder or hub name
-    tokenizer: str = ""  # empty: the backbone's own tokenizer
-    revision: str = ""  # hub revision; empty: default branch
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    num_layers: int = _num(0, ge=0, doc="keep only the first N layers (smoke tests); 0 keeps all")
+    backbone: str = ""
+    """The frozen decoder LM: a local HF folder (safetensors) or a hub name."""
+    tokenizer: str = ""
+    """Tokenizer folder or hub name; empty: the backbone's own."""
+    revision: str = ""
+    """Hub revision of the backbone; empty: the default branch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Backbone weights' dtype; auto: bf16 on GPU, fp32 on CPU."""
+    num_layers: int = _num(0, ge=0)
+    """Keep only the first N layers (fast tests); 0 keeps all."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (never by default)."""
 
     def validate(self, path: str) -> None:
         if not self.backbone:
@@ -51,24 +64,41 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: Literal["text", "json", "parquet", "hub"] = "json"
-    files: list[str] = field(default_factory=list)  # local files or globs, for text/json/parquet
-    hub_name: str = ""  # e.g. HuggingFaceTB/smollm-corpus
-    hub_config: str = ""  # e.g. cosmopedia-v2
+    """Where documents come from: local files of one format, or a hub dataset (streamed)."""
+    files: list[str] = field(default_factory=list)
+    """Local files or globs (text, json, parquet)."""
+    hub_name: str = ""
+    """Hub dataset, e.g. HuggingFaceTB/smollm-corpus."""
+    hub_config: str = ""
+    """Hub dataset configuration, e.g. cosmopedia-v2."""
     hub_split: str = "train"
+    """Hub dataset split."""
     text_field: str = "text"
-    text_sample_by: Literal["document", "paragraph", "line"] = "document"  # what one document is in a .txt file
-    prompt_field: str = ""  # with chat_template: records are (prompt, text) conversations
+    """The record field holding a document's text (json, parquet, hub)."""
+    text_sample_by: Literal["document", "paragraph", "line"] = "document"
+    """What one document is in a .txt file."""
+    prompt_field: str = ""
+    """With chat_template: the field of the prompt; records become (prompt, text) conversations."""
     chat_template: bool = False
-    # The budget: absolute tokens, or a fraction of a reference pretraining size (paper: 0.2% of 15T).
+    """Format each record with the tokenizer's chat template (as the reference code does for cosmopedia)."""
     budget_tokens: int = _num(0, ge=0)
+    """Train tokens to write; give this or budget_fraction."""
     budget_fraction: float = _num(0.0, ge=0.0, le=1.0)
+    """Train tokens as a fraction of reference_tokens (the paper: 0.2% of 15T)."""
     reference_tokens: int = _num(0, ge=0)
-    heldout_fraction: float = _num(0.01, gt=0.0, lt=1.0, doc="share of documents held out")
-    heldout_tokens: int = _num(65536, gt=0, doc="tokens written to RUN/tokens/heldout")
+    """The backbone's pretraining tokens, for budget_fraction."""
+    heldout_fraction: float = _num(0.01, gt=0.0, lt=1.0)
+    """Share of documents held out (never trained on)."""
+    heldout_tokens: int = _num(65536, gt=0)
+    """Held-out tokens written to RUN/tokens/heldout."""
     seq_len: int = _num(512, ge=8)
+    """Tokens per packed sequence."""
     sequences_per_shard: int = _num(256, gt=0)
-    seed: int = _num(0, ge=0, doc="document order and held-out choice")
-    shuffle_buffer: int = _num(10000, ge=0, doc="streaming shuffle buffer (documents); 0 keeps source order")
+    """Sequences per shard: the unit of work, resume and task splitting."""
+    seed: int = _num(0, ge=0)
+    """Document order and held-out choice."""
+    shuffle_buffer: int = _num(10000, ge=0)
+    """Streaming shuffle buffer in documents; 0 keeps the source's order."""
 
     def validate(self, path: str) -> None:
         if self.source == "hub":
@@ -92,12 +122,13 @@ class DataConfig:
 
 @dataclass
 class ExitsConfig:
-    depths: list[int] = field(default_factory=list)  # exit k reads the hidden state after layers[:k]
-    # balcony: a decoder layer + norm per exit; tuned_lens: an affine map into the frozen final norm (a baseline)
+    depths: list[int] = field(default_factory=list)
+    """Exit depths: exit k reads the hidden state after layers[:k]."""
     kind: Literal["balcony", "tuned_lens"] = "balcony"
-    # last_layer: copy of the last layer + layers[k].input_layernorm (the paper's); next_layer: copy of
-    # layers[k] + the final norm (starts as the logit lens at depth k+1)
+    """balcony: a decoder layer + norm per exit; tuned_lens: an affine map into the frozen final norm (a baseline)."""
     init: Literal["last_layer", "next_layer"] = "last_layer"
+    """last_layer (the paper's): a copy of the last layer + layers[k].input_layernorm; next_layer: a copy of
+    layers[k] + the final norm (an untrained exit k is the logit lens at depth k+1)."""
 
     def validate(self, path: str) -> None:
         if any(k < 1 for k in self.depths):
@@ -109,50 +140,77 @@ class ExitsConfig:
 @dataclass
 class TeacherConfig:
     format: Literal["topk", "sampled"] = "topk"
-    k: int = _num(64, gt=0, doc="top-k entries per position")
-    samples: int = _num(24, gt=0, doc="draws per position for the sampled format")
-    compact: bool = True  # bit-packed ids, quantised log-probs; false: float16 + int32
-    logprob_bits: int = _num(12, ge=4, le=16, doc="bits per quantised log-prob (compact)")
-    fidelity_positions: int = _num(64, ge=0, doc="positions per batch checked against the full distribution")
-    seed: int = _num(0, ge=0, doc="draws of the sampled format")
+    """topk: the k most likely tokens + a rest bucket (biased); sampled: draws from the teacher (unbiased)."""
+    k: int = _num(64, gt=0)
+    """Top-k entries per position."""
+    samples: int = _num(24, gt=0)
+    """Draws per position (sampled)."""
+    compact: bool = True
+    """Bit-packed ids and quantised log-probs; false: float16 + int32."""
+    logprob_bits: int = _num(12, ge=4, le=16)
+    """Bits per quantised log-prob (compact)."""
+    fidelity_positions: int = _num(64, ge=0)
+    """Positions per batch checked against the full distribution (logged, not stored)."""
+    seed: int = _num(0, ge=0)
+    """Draws of the sampled format."""
     batch_size: int = _num(8, gt=0, hashed=False)
-    chunk_size: int = _num(1024, gt=0, doc="positions per log-softmax chunk", hashed=False)
+    """Sequences per backbone forward."""
+    chunk_size: int = _num(1024, gt=0, hashed=False)
+    """Positions per head + log-softmax chunk (bounds the [positions, vocab] logits)."""
 
 
 @dataclass
 class TrainConfig:
     lr: float = _num(5e-4, gt=0.0)
-    # cosine: decay over all steps after warmup; wsd: warmup-stable-decay (constant, then a linear
-    # decay over the last decay_fraction of the steps); constant: no decay
+    """AdamW's peak learning rate."""
     schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    """cosine: decay over the steps after warmup; wsd: warmup, constant, then a linear decay over the last
+    decay_fraction of the steps; constant: no decay."""
     warmup_fraction: float = _num(0.01, ge=0.0, lt=1.0)
-    decay_fraction: float = _num(0.2, gt=0.0, le=1.0, doc="wsd: share of the steps in the final decay")
+    """Share of the steps in linear warmup."""
+    decay_fraction: float = _num(0.2, gt=0.0, le=1.0)
+    """wsd: share of the steps in the final decay."""
     min_lr_ratio: float = _num(0.0, ge=0.0, le=1.0)
+    """Where the decay ends, as a fraction of lr."""
     weight_decay: float = _num(0.0, ge=0.0)
-    adam_beta2: float = _num(0.999, gt=0.0, lt=1.0, doc="AdamW's second-moment decay (0.95 adapts faster in short runs)")
+    """AdamW's weight decay."""
+    adam_beta2: float = _num(0.999, gt=0.0, lt=1.0)
+    """AdamW's second-moment decay (0.95 adapts faster in short runs)."""
     grad_clip: float = _num(1.0, ge=0.0)
-    tokens_per_step: int = _num(1_048_576, gt=0, doc="global batch in tokens")
-    micro_batch_size: int = _num(8, gt=0, doc="sequences per process per micro-step")
+    """Gradient norm clipping; 0: none."""
+    tokens_per_step: int = _num(1_048_576, gt=0)
+    """Global batch in tokens (seq_len x micro_batch_size x ranks x accumulation)."""
+    micro_batch_size: int = _num(8, gt=0)
+    """Sequences per process per micro-step."""
     zero_stage: int = _num(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage (settings in configs/deepspeed/zeroN.json)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # bf16 autocast of the matmuls (backbone prefix, exits, head) with fp32 weights and losses: ~2x on
-    # CPUs with avx512_bf16 / AMX; on a GPU, precision=bf16 already runs in bf16
+    """DeepSpeed's precision; auto: bf16 on GPU, fp32 on CPU."""
     autocast_bf16: bool = False
-    checkpoint_every: int = _num(200, gt=0, doc="optimizer steps", hashed=False)
+    """bf16 autocast of the matmuls (prefix, exits, head) with fp32 weights and losses: ~2x on CPUs with
+    avx512_bf16 or AMX; on a GPU, precision bf16 already runs in bf16."""
+    checkpoint_every: int = _num(200, gt=0, hashed=False)
+    """Optimizer steps between checkpoints."""
     keep_checkpoints: int = _num(2, gt=0, hashed=False)
-    max_steps: int = _num(0, ge=0, doc="0: one pass over the cached targets")
-    # steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (same files as the
-    # final export): a learning curve from one run, each point scored by the evaluate stage. Not part
-    # of the config hash: adding snapshots to a run under way does not change what it trains.
+    """Checkpoints kept."""
+    max_steps: int = _num(0, ge=0)
+    """Optimizer steps; 0: one pass over the data."""
     snapshots: list[int] = field(default_factory=list, metadata={"hashed": False})
-    chunk_size: int = _num(1024, gt=0, doc="positions per head + loss chunk", hashed=False)
-    num_workers: int = _num(0, ge=0, doc="DataLoader workers per rank")
-    online_teacher: bool = False  # the backbone's own full forward each step instead of RUN/teacher
-    objective: Literal["kl", "ce"] = "kl"  # ce: next-token cross-entropy (the EE-Tuning baseline)
-    # baselines trained after the exits, same data and recipe, into RUN/baselines/NAME: tuned_lens
-    # (exits.kind=tuned_lens) and ce (train.objective=ce); evaluate scores them beside the exits
+    """Steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (a learning curve from one
+    run, each point scored by the evaluate stage); may be added to a run under way."""
+    chunk_size: int = _num(1024, gt=0, hashed=False)
+    """Positions per head + loss chunk (bounds the [positions, vocab] logits)."""
+    num_workers: int = _num(0, ge=0)
+    """DataLoader workers per rank."""
+    online_teacher: bool = False
+    """The backbone's own full forward each step (exact KL) instead of RUN/teacher."""
+    objective: Literal["kl", "ce"] = "kl"
+    """kl: self-distillation; ce: next-token cross-entropy (the EE-Tuning baseline)."""
     baselines: list[Literal["tuned_lens", "ce"]] = field(default_factory=list)
+    """Trained after the exits, same data and recipe, into RUN/baselines/NAME: tuned_lens and ce exits;
+    evaluate scores them beside the exits."""
     seed: int = _num(0, ge=0)
+    """Data order and initialisation."""
 
     def validate(self, path: str) -> None:
         if any(step < 1 for step in self.snapshots):
@@ -166,22 +224,31 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_sequences: int = _num(0, ge=0, doc="held-out sequences to score; 0: all")
+    max_sequences: int = _num(0, ge=0)
+    """Held-out sequences to score; 0: all."""
     batch_size: int = _num(4, gt=0, hashed=False)
+    """Sequences per forward."""
     chunk_size: int = _num(1024, gt=0, hashed=False)
-    # exported baselines (RUN/exits folders) scored beside the Balcony exits: a tuned lens
-    # (exits.kind=tuned_lens) and/or exits trained with train.objective=ce
+    """Positions per head chunk."""
     baselines: list[str] = field(default_factory=list)
-    speed: bool = True  # measure decode latency and self-speculative decoding (false: quality only)
-    # more data to score quality on, beside this run's held-out tokens: a tokenize output folder
-    # (another run's RUN/tokens: its held-out split) or text files (.jsonl/.json/.txt/.parquet, globs)
+    """Exported folders (a tuned lens, CE exits) scored beside the exits."""
+    speed: bool = True
+    """Measure decode latency and self-speculative decoding; false: quality only."""
     data: list[str] = field(default_factory=list)
-    data_tokens: int = _num(16384, gt=0, doc="tokens scored from each eval.data entry")
-    prompt_tokens: int = _num(32, gt=0, doc="decode latency: prompt length")
-    new_tokens: int = _num(32, ge=2, doc="decode latency: tokens generated")
+    """More data to score quality on: a tokenize output folder (its held-out split) or text files
+    (.jsonl/.json/.txt/.parquet, globs)."""
+    data_tokens: int = _num(16384, gt=0)
+    """Tokens scored from each eval.data entry."""
+    prompt_tokens: int = _num(32, gt=0)
+    """Decode latency: prompt length."""
+    new_tokens: int = _num(32, ge=2)
+    """Decode latency: tokens generated."""
     latency_batches: list[int] = field(default_factory=lambda: [1, 8])
+    """Decode latency: batch sizes."""
     repeats: int = _num(3, gt=0)
-    draft_tokens: int = _num(4, gt=0, doc="self-speculative decoding: tokens an exit drafts per round")
+    """Timings per measurement (the median is kept)."""
+    draft_tokens: int = _num(4, gt=0)
+    """Self-speculative decoding: tokens an exit drafts per round."""
 
 
 @dataclass
@@ -209,7 +276,7 @@ class Config:
         """What train-exits trains: (name, recipe, output folder) for the exits, then each baseline.
         Each recipe has no baselines of its own, so adding one later leaves the exits' hash alone."""
         main = dataclasses.replace(self, train=dataclasses.replace(self.train, baselines=[]))
-        runs = [("exits", main, self.run_dir / "exits")]
+        runs = [("exits", main, TRAIN_EXITS.dir(self))]
         for name in self.train.baselines:
             if name == "tuned_lens":
                 variant = dataclasses.replace(main, exits=dataclasses.replace(main.exits, kind="tuned_lens"))
@@ -235,26 +302,43 @@ class Config:
 @dataclass
 class JobConfig:
     """sbatch resources of one kind of job."""
+
     nodes: int = _num(1, gt=0)
-    tasks_per_node: int = _num(1, gt=0, doc="processes per node (training: one per GPU)")
+    """Nodes per job."""
+    tasks_per_node: int = _num(1, gt=0)
+    """Processes per node (training: one per GPU)."""
     cpus_per_task: int = _num(1, gt=0)
+    """CPU cores per process."""
     gpus_per_node: int = _num(0, ge=0)
+    """GPUs per node; 0: none requested."""
     mem: str = "8G"
+    """Memory per node (sbatch --mem)."""
     time: str = "01:00:00"
+    """Time limit (sbatch --time)."""
 
 
 @dataclass
 class ClusterConfig:
     """configs/cluster/*.yaml: where and how jobs run; never edited inside the sbatch scripts."""
-    partition: str = ""  # empty: the cluster's default partition
+
+    partition: str = ""
+    """Partition; empty: the cluster's default."""
     account: str = ""
-    env_setup: str = ""  # shell run at the top of every job, e.g. "source .venv/bin/activate"
-    slurm_conf: str = ""  # SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default
-    array_tasks: int = _num(2, gt=0, doc="tasks of the array stages (tokenize, teacher-logits)")
-    sbatch_args: list[str] = field(default_factory=list)  # anything else, e.g. ["--qos=high"]
-    shard: JobConfig = field(default_factory=JobConfig)  # each task of tokenize / teacher-logits
+    """Account to charge; empty: the user's default."""
+    env_setup: str = ""
+    """Shell run at the top of every job, e.g. "source .venv/bin/activate"."""
+    slurm_conf: str = ""
+    """SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default."""
+    array_tasks: int = _num(2, gt=0)
+    """Tasks of the array stages (tokenize, teacher-logits)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Anything else for sbatch, e.g. ["--qos=high"]."""
+    shard: JobConfig = field(default_factory=JobConfig)
+    """Each task of tokenize and teacher-logits."""
     train: JobConfig = field(default_factory=JobConfig)
+    """The train-exits job."""
     evaluate: JobConfig = field(default_factory=JobConfig)
+    """The evaluate job."""
 
 
 # ---------------------------------------------------------------- loading
@@ -266,7 +350,10 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+        item = typing.get_args(tp)[0]
+        if typing.get_origin(item) is Literal:
+            return f"a list, each {_type_name(item)}"
+        return f"a list of {_type_name(item).split(' ', 1)[1]}s"
     return tp.__name__
 
 
@@ -385,3 +472,46 @@ def _load(cls, path: str | Path, overrides: typing.Sequence[str]):
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def reference(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key of a config class, with its type, default and meaning: (key, type, default, doc)."""
+    rows, hints, docs = [], typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += reference(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _type_name(tp).removeprefix("an ").removeprefix("a ")
+        rows.append((key, kind, json.dumps(default), docs.get(f.name, "")))
+    return rows
+
+
+def reference_markdown(cls=Config) -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {kind} | `{default}` | {doc} |" for key, kind, default, doc in reference(cls)]
+    return "\n".join(lines) + "\n"
+
+
+def reference_text(cls=Config) -> str:
+    """For --help: one block per key."""
+    return "\n".join(f"  {key} ({kind}, default {default})\n      {doc}" for key, kind, default, doc in reference(cls))
+
+
+if __name__ == "__main__":  # python -m pipeline.config: the README's configuration reference
+    print(reference_markdown(), end="")

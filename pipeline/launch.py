@@ -20,17 +20,11 @@ from pipeline.config import ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
-from pipeline.shards import MANIFEST, atomic_write, completed_record
+from pipeline.shards import atomic_write, completed_record
+from pipeline.registry import STAGES, TRAIN_EXITS
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("tokenize", "teacher-logits", "train-exits", "evaluate")
-SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher-logits": "teacher_logits.py",
-           "train-exits": "train_exits.py", "evaluate": "evaluate_exits.py"}
-# what a finished stage leaves behind, relative to the run directory
-OUTPUTS = {"tokenize": "tokens", "teacher-logits": "teacher", "train-exits": "exits", "evaluate": "eval"}
-DONE = {"tokenize": f"tokens/{MANIFEST}", "teacher-logits": f"teacher/{MANIFEST}",
-        "train-exits": "exits/balcony_config.json", "evaluate": "eval/metrics.json"}
 
 
 def needed(cfg: Config, stage: str) -> bool:
@@ -45,8 +39,11 @@ def needed(cfg: Config, stage: str) -> bool:
 def is_done(cfg: Config, stage: str) -> bool:
     """What a finished stage leaves behind exists (train-exits: the exits and every baseline)."""
     if stage == "train-exits":
-        return all((folder / "balcony_config.json").exists() for _, _, folder in cfg.exit_runs())
-    return (cfg.run_dir / DONE[stage]).exists()
+        marker = Path(TRAIN_EXITS.done).name  # in RUN/exits and in each RUN/baselines/NAME
+        return all((folder / marker).exists() for _, _, folder in cfg.exit_runs())
+    return (cfg.run_dir / STAGES[stage].done).exists()
+
+
 JOBS_FILE = "logs/jobs.json"
 
 
@@ -55,7 +52,7 @@ def banner(text: str) -> None:
 
 
 def stage_command(stage: str, config: Path, overrides: list[str]) -> list[str]:
-    return [str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
+    return [str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
 
 
 def open_parent(cfg: Config) -> None:
@@ -105,7 +102,7 @@ class Job:
 def pending_tasks(cfg: Config, stage: str, count: int) -> list[int]:
     """Array tasks that still have a shard to write (task i owns shards i::count)."""
     shards = [(s.split, s.index) for s in plan_shards(cfg.data)]  # teacher shards are 1:1 with these
-    out = cfg.run_dir / OUTPUTS[stage]
+    out = STAGES[stage].dir(cfg)
     todo = [i for i in range(count) if any(completed_record(out, *s) is None for s in shards[i::count])]
     return todo or [0]  # all shards in but no manifest (a task died finishing it): one task writes it
 
@@ -141,7 +138,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     whole_chain = stages == list(STAGES)
     for stage in stages:
         if is_done(cfg, stage):
-            print(f"pipeline: {stage} is complete ({cfg.run_dir / DONE[stage]}); not submitted")
+            print(f"pipeline: {stage} is complete ({cfg.run_dir / STAGES[stage].done}); not submitted")
     stages = [stage for stage in stages if not is_done(cfg, stage) and needed(cfg, stage)]
     if not stages:
         return []

@@ -1,6 +1,6 @@
 """The skeleton every stage shares: its command line, and the loop of a sharded stage.
 
-    python stages/NAME.py --config C [key.path=value ...] [--task-index I --num-tasks N]
+    python stages/SCRIPT --config C [key.path=value ...] [--task-index I --num-tasks N]
 
 A sharded stage pins its output directory to a header (what the output is a function of), skips
 when the manifest already exists, writes its share I::N of the shards that are not committed yet,
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, reference_text
 from pipeline.distributed import resolve_task
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, claim_directory, completed_record, finalize_manifest, read_manifest
@@ -22,7 +22,8 @@ from pipeline.tracking import Tracker, stage_run
 
 
 def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None) -> None:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="config keys (YAML sections, or key.path=value overrides):\n" + reference_text())
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT)")

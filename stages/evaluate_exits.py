@@ -23,16 +23,17 @@ from pipeline.corpus import ShardPacker, ShardSpec, document_encoder, stream_doc
 from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
 from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
+from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
 
-STAGE = "evaluate"
+STAGE = EVALUATE
 FORMAT_VERSION = 1
 
 
 def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
     """The held-out split of a tokenize stage's output (this run's, or another run's), `limit` sequences at most."""
-    manifest = read_manifest(tokens_dir, "tokenize", expect={
+    manifest = read_manifest(tokens_dir, TOKENIZE.tag, expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
     rows = [s[TOKENS_KEY] for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(tokens_dir, record)]
     return torch.as_tensor(np.stack(rows[: limit or None])).long()
@@ -68,7 +69,7 @@ def file_sequences(cfg: Config, pattern: str) -> torch.Tensor:
 def eval_sets(cfg: Config) -> dict[str, torch.Tensor]:
     """What to score: this run's held-out tokens, then each eval.data entry (a tokenize output
     folder: its held-out split; else text files)."""
-    sets = {"heldout": heldout_sequences(cfg, cfg.run_dir / "tokens", cfg.eval.max_sequences)}
+    sets = {"heldout": heldout_sequences(cfg, TOKENIZE.dir(cfg), cfg.eval.max_sequences)}
     for entry in cfg.eval.data:
         if (Path(entry) / MANIFEST).exists():
             sets[entry] = heldout_sequences(cfg, Path(entry), max(1, cfg.eval.data_tokens // cfg.data.seq_len))
@@ -77,8 +78,8 @@ def eval_sets(cfg: Config) -> dict[str, torch.Tensor]:
     return sets
 
 
-def evaluate(cfg: Config, task: tuple[int, int]) -> None:
-    out, tokens_dir, exits_dir = cfg.run_dir / "eval", cfg.run_dir / "tokens", cfg.run_dir / "exits"
+def run(cfg: Config, task: tuple[int, int]) -> None:
+    out, tokens_dir, exits_dir = STAGE.dir(cfg), TOKENIZE.dir(cfg), TRAIN_EXITS.dir(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_backbone(cfg.model, device)
     fingerprint = backbone_fingerprint(cfg.model, lm)
@@ -91,18 +92,18 @@ def evaluate(cfg: Config, task: tuple[int, int]) -> None:
         except ValueError as e:
             raise ConfigError(f"{e} in {folder}") from None
     sets = eval_sets(cfg)
-    header = {"stage": STAGE, "config_hash": cfg.hash("eval"), "input_manifest_hash": manifest_hash(tokens_dir),
+    header = {"stage": STAGE.tag, "config_hash": cfg.hash("eval"), "input_manifest_hash": manifest_hash(tokens_dir),
               "eval_data_sha256": {name: tensor_sha256(seqs) for name, seqs in sets.items()},
               "backbone_fingerprint": fingerprint, "exits_sha256": file_sha256(exits_dir / WEIGHTS),
               "baselines_sha256": [file_sha256(folder / WEIGHTS) for folder in folders]}
     written = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else header
     if any(written.get(key) != value for key, value in header.items()):
         # scores are derived from the inputs alone and cheap to redo: new inputs replace them
-        print(f"{STAGE}: the exits, baselines or data changed since {out / 'metrics.json'} was written; scoring again")
+        print(f"{STAGE.name}: the exits, baselines or data changed since {out / 'metrics.json'} was written; scoring again")
         shutil.rmtree(out)
     claim_directory(out, header)
     if (out / "metrics.json").exists():
-        print(f"{STAGE}: {out / 'metrics.json'} exists for these exits and data; nothing to do")
+        print(f"{STAGE.name}: {out / 'metrics.json'} exists for these exits and data; nothing to do")
     else:
         measure(cfg, model, baselines, sets, header, out, device)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -113,7 +114,7 @@ def quality(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], seq
             device: torch.device, name: str) -> list[dict]:
     """Perplexity, KL to the full model and top-1 agreement of every variant on `sequences`."""
     variants = variants_of(model, baselines)
-    with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE} quality ({name})") as bar:
+    with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE.name} quality ({name})") as bar:
         for batch in sequences.split(cfg.eval.batch_size):
             score_batch(model, baselines, variants, batch.to(device), cfg.eval.chunk_size)
             bar.update(batch.numel())
@@ -123,7 +124,7 @@ def quality(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], seq
 def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sets: dict[str, torch.Tensor],
             header: dict, out: Path, device: torch.device) -> None:
     sequences = sets["heldout"]
-    with stage_run(cfg, STAGE, header["config_hash"]) as tracker:
+    with stage_run(cfg, STAGE.tag, header["config_hash"]) as tracker:
         rows = quality(cfg, model, baselines, sequences, device, "heldout")
         other_data = [{"data": name, "sequences": len(seqs), "tokens": seqs.numel(),
                        "rows": quality(cfg, model, baselines, seqs, device, name)}
@@ -133,7 +134,7 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
             prompt = sequences[:1, : cfg.eval.prompt_tokens].repeat(batch_size, 1).to(device)
             for depth in [None, *model.depths]:
                 latency[(batch_size, depth)] = decode_latency(model, depth, prompt, cfg.eval.new_tokens, cfg.eval.repeats)
-            print(f"{STAGE}: decode latency at batch {batch_size}: " + ", ".join(
+            print(f"{STAGE.name}: decode latency at batch {batch_size}: " + ", ".join(
                 f"{'full' if d is None else f'exit@{d}'} {latency[(batch_size, d)] * 1e3:.1f} ms/token"
                 for d in [None, *model.depths]))
         prompt = sequences[:1, : cfg.eval.prompt_tokens].to(device)
@@ -146,7 +147,7 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
             if row["kind"] == "balcony" and cfg.eval.speed:
                 row["speculative"] = speculative_speedup(model, depth, prompt, cfg.eval.new_tokens,
                                                          cfg.eval.draft_tokens, cfg.eval.repeats)
-                print(f"{STAGE}: self-speculative with exit@{depth}: acceptance {row['speculative']['acceptance_rate']:.2f}, "
+                print(f"{STAGE.name}: self-speculative with exit@{depth}: acceptance {row['speculative']['acceptance_rate']:.2f}, "
                       f"speedup {row['speculative']['speedup']:.2f}x over greedy full-depth decoding")
         metrics = {"format_version": FORMAT_VERSION, **header, "num_layers": model.num_layers,
                    "depths": model.depths, "heldout_sequences": len(sequences), "heldout_tokens": sequences.numel(),
@@ -156,7 +157,7 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
         for name in ("metrics.json", "table.md", "plot.png"):
             tracker.artifact(out / name)
     print((out / "table.md").read_text())
-    print(f"{STAGE}: wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'plot.png'}")
+    print(f"{STAGE.name}: wrote {out / 'metrics.json'}, {out / 'table.md'}, {out / 'plot.png'}")
 
 
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
@@ -200,4 +201,4 @@ def write_outputs(out, metrics: dict, batches: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], evaluate)
+    run_stage(__doc__.splitlines()[0], run)

@@ -15,23 +15,24 @@ from tqdm import tqdm
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, resolve_dtype, tokenizer_fingerprint
 from pipeline.config import Config
 from pipeline.shards import TOKENS_KEY, manifest_hash, read_manifest, read_shard, write_shard
+from pipeline.registry import TEACHER_LOGITS, TOKENIZE
 from pipeline.stage import run_sharded, run_stage
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
-STAGE = "teacher"
+STAGE = TEACHER_LOGITS
 
 
-def teacher_logits(cfg: Config, task: tuple[int, int]) -> None:
-    tokens_dir, out = cfg.run_dir / "tokens", cfg.run_dir / "teacher"
+def run(cfg: Config, task: tuple[int, int]) -> None:
+    tokens_dir, out = TOKENIZE.dir(cfg), STAGE.dir(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    tokens = read_manifest(tokens_dir, "tokenize", expect={
+    tokens = read_manifest(tokens_dir, TOKENIZE.tag, expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": cfg.data.seq_len})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_backbone(cfg.model, device)
     fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
     header = {
-        "stage": STAGE,
+        "stage": STAGE.tag,
         "config_hash": cfg.hash("teacher"),
         "input_manifest_hash": manifest_hash(tokens_dir),
         "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
@@ -45,7 +46,7 @@ def teacher_logits(cfg: Config, task: tuple[int, int]) -> None:
 
     def write(todo, tracker) -> int:
         total = sum(records[split][index]["tokens"] for split, index in todo)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE, smoothing=0.1) as bar:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE.name, smoothing=0.1) as bar:
             for split, index in todo:
                 samples = list(read_shard(tokens_dir, records[split][index]))  # verifies the checksum first
                 targets = []
@@ -61,8 +62,8 @@ def teacher_logits(cfg: Config, task: tuple[int, int]) -> None:
         return total
 
     counts = {split: len(shards) for split, shards in records.items()}
-    run_sharded(cfg, STAGE, out, header, counts, task, write)
+    run_sharded(cfg, STAGE.tag, out, header, counts, task, write)
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], teacher_logits)
+    run_stage(__doc__.splitlines()[0], run)

@@ -15,15 +15,16 @@ from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.config import Config
 from pipeline.corpus import document_encoder, pack_shards, plan_shards, shard_counts, source_fingerprint, stream_documents
 from pipeline.shards import TOKENS_KEY, write_shard
+from pipeline.registry import TOKENIZE
 from pipeline.stage import run_sharded, run_stage
 
-STAGE = "tokenize"
+STAGE = TOKENIZE
 
 
 def tokens_header(cfg: Config, tokenizer) -> dict:
     """What the token shards are a function of; pinned in .parts/header.json and the manifest."""
     return {
-        "stage": STAGE,
+        "stage": STAGE.tag,
         "config_hash": cfg.hash("data"),
         "input_fingerprint": source_fingerprint(cfg.data),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -38,8 +39,8 @@ def samples(split: str, index: int, sequences: np.ndarray):
         yield {"__key__": f"{split}-{index:06d}-{row:06d}", TOKENS_KEY: ids}
 
 
-def tokenize(cfg: Config, task: tuple[int, int]) -> None:
-    out = cfg.run_dir / "tokens"
+def run(cfg: Config, task: tuple[int, int]) -> None:
+    out = STAGE.dir(cfg)
     tokenizer = load_tokenizer(cfg.model)
     specs = plan_shards(cfg.data)
 
@@ -48,14 +49,14 @@ def tokenize(cfg: Config, task: tuple[int, int]) -> None:
         owned = [s for s in specs if (s.split, s.index) in wanted]
         total = sum(s.sequences for s in owned) * cfg.data.seq_len
         documents = stream_documents(cfg.data, tokenizer)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE, smoothing=0.1) as bar:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE.name, smoothing=0.1) as bar:
             for spec, sequences in pack_shards(specs, owned, documents, document_encoder(tokenizer), cfg.data):
                 write_shard(out, spec.split, spec.index, samples(spec.split, spec.index, sequences))
                 bar.update(sequences.size)
         return total
 
-    run_sharded(cfg, STAGE, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write)
+    run_sharded(cfg, STAGE.tag, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write)
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], tokenize)
+    run_stage(__doc__.splitlines()[0], run)

@@ -35,12 +35,13 @@ from pipeline.config import Config, ConfigError
 from pipeline.distributed import init_distributed
 from pipeline.losses import exit_losses
 from pipeline.shards import atomic_write, claim_directory, manifest_hash, read_manifest
+from pipeline.registry import TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage
 from pipeline.targets import TargetFormat
 from pipeline.tracking import stage_run
 from pipeline.train_data import TrainBatches
 
-STAGE = "train-exits"
+STAGE = TRAIN_EXITS
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
@@ -82,7 +83,7 @@ def lr_lambda(cfg: Config, total_steps: int):
     return factor
 
 
-def train_exits(cfg: Config, task: tuple[int, int]) -> None:
+def run(cfg: Config, task: tuple[int, int]) -> None:
     """The Balcony exits into RUN/exits, then each of train.baselines into RUN/baselines/NAME."""
     rank, world, device = init_distributed()
     for _, variant, _ in cfg.exit_runs():
@@ -104,17 +105,17 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
 
     # --- inputs: the shards the earlier stages must have produced
     if online:
-        source = cfg.run_dir / "tokens"
-        manifest = read_manifest(source, "tokenize", expect={
+        source = TOKENIZE.dir(cfg)
+        manifest = read_manifest(source, TOKENIZE.tag, expect={
             "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
         fmt = None  # exit_losses: no format = the online teacher (kl) or the tokens themselves (ce)
     else:
-        source = cfg.run_dir / "teacher"
-        manifest = read_manifest(source, "teacher", expect={"backbone_fingerprint": fingerprint,
+        source = TEACHER_LOGITS.dir(cfg)
+        manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
                                                              "seq_len": cfg.data.seq_len})
         fmt = TargetFormat.from_description(manifest["target_format"])
     model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
-    header = {"stage": STAGE, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
+    header = {"stage": STAGE.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32"}
     # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes.
@@ -124,7 +125,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     dist.barrier()
     if finished:
         if rank == 0:
-            print(f"{STAGE}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
+            print(f"{STAGE.name}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
         return
 
     # --- data and schedule
@@ -155,15 +156,15 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
         step = state["step"]
         torch.set_rng_state(state["rng"])
         if rank == 0:
-            print(f"{STAGE}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
+            print(f"{STAGE.name}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
 
     stream = batches.stream(start=step * accumulation)
     if rank == 0:
-        print(f"{STAGE} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
+        print(f"{STAGE.name} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
               f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=STAGE, disable=rank != 0, dynamic_ncols=True)
-    with stage_run(cfg, STAGE, header["config_hash"], enabled=rank == 0, variant=name) as tracker, bar:
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc=STAGE.name, disable=rank != 0, dynamic_ncols=True)
+    with stage_run(cfg, STAGE.tag, header["config_hash"], enabled=rank == 0, variant=name) as tracker, bar:
         while step < total_steps:
             started = time.perf_counter()
             step_kl = torch.zeros(len(model.depths), device=device)
@@ -197,7 +198,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
         export(model, out, fingerprint, rank, trained(step))
         if rank == 0:
             tracker.artifact(out / EXITS_CONFIG)
-            print(f"{STAGE}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
+            print(f"{STAGE.name}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
 
 
 def weights_only_checkpoint_engine(ds_config):
@@ -246,4 +247,4 @@ def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: d
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], train_exits)
+    run_stage(__doc__.splitlines()[0], run)

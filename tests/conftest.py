@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipeline.distributed import free_port
+from pipeline.registry import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -113,8 +114,6 @@ TINY_PIPELINE = {
               "lr": 1e-3, "max_steps": 10},
     "eval": {"max_sequences": 8, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
 }
-SCRIPTS = {"tokenize": "tokenize_corpus.py", "teacher": "teacher_logits.py", "train": "train_exits.py",
-           "evaluate": "evaluate_exits.py"}
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -137,7 +136,7 @@ def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1) -> 
     """The stage as a user starts it; train-exits with ranks > 1 under the deepspeed launcher."""
     launcher = ([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
                 if ranks > 1 else [sys.executable])
-    return [*launcher, str(ROOT / "stages" / SCRIPTS[stage]), "--config", str(config), *overrides]
+    return [*launcher, str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
 
 
 def run_command(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -156,21 +155,18 @@ def finished_run(tmp_path_factory, tracking_uri, assets):
     folder = tmp_path_factory.mktemp("finished")
     config = tiny_config(folder, tracking_uri, "run")
     run_command(stage_command("tokenize", config))
-    run_command(stage_command("teacher", config))
-    train = run_command(stage_command("train", config, ranks=2))
+    run_command(stage_command("teacher-logits", config))
+    train = run_command(stage_command("train-exits", config, ranks=2))
     started = time.perf_counter()
     run_command(stage_command("evaluate", config))
     return folder / "run", train.stdout, time.perf_counter() - started
-
-
-BODIES = {"tokenize": "tokenize", "teacher": "teacher_logits", "train": "train_exits", "evaluate": "evaluate"}
 
 
 def stage_module(stage: str):
     """A stage's script imported as a module (its body runs in-process under pipeline.stage.run_stage)."""
     import importlib.util
 
-    script = ROOT / "stages" / SCRIPTS[stage]
+    script = ROOT / "stages" / STAGES[stage].script
     spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -178,4 +174,5 @@ def stage_module(stage: str):
 
 
 def stage_function(stage: str):
-    return getattr(stage_module(stage), BODIES[stage])
+    """A stage's body, `run(cfg, task)`."""
+    return stage_module(stage).run

@@ -17,8 +17,8 @@ from conftest import BACKBONE, ROOT, run_command, stage_command, stage_module, t
 
 # consumer stage -> (the inputs it reads, the folder damaged, the shard damaged (split, index, file), its output)
 CONSUMERS = {
-    "teacher": (("tokens",), "tokens", ("train", 1, "shard-000001.tar"), "teacher"),
-    "train": (("tokens", "teacher"), "teacher", ("train", 1, "shard-000001.tar"), "exits"),
+    "teacher-logits": (("tokens",), "tokens", ("train", 1, "shard-000001.tar"), "teacher"),
+    "train-exits": (("tokens", "teacher"), "teacher", ("train", 1, "shard-000001.tar"), "exits"),
     "evaluate": (("tokens", "exits"), "tokens", ("heldout", 0, "heldout/shard-000000.tar"), "eval"),
 }
 
@@ -58,7 +58,7 @@ def foreign(tmp_path_factory, tracking_uri, assets):
     folder = tmp_path_factory.mktemp("foreign")
     config = tiny_config(folder, tracking_uri, "run", data={"seed": 7})
     run_command(stage_command("tokenize", config))
-    run_command(stage_command("teacher", config))
+    run_command(stage_command("teacher-logits", config))
     return folder / "run"
 
 
@@ -107,27 +107,27 @@ def other_tokenizer(tmp_path_factory) -> Path:
 
 # (case, the stage run, the inputs it gets, overrides, the refusal)
 MISMATCHES = [
-    ("tokens from another tokenizer -> teacher", "teacher", ("tokens",), ["model.tokenizer={tokenizer}"],
+    ("tokens from another tokenizer -> teacher", "teacher-logits", ("tokens",), ["model.tokenizer={tokenizer}"],
      r"tokens/manifest.json: tokenizer_fingerprint is '\w+', expected '\w+'"),
     ("tokens from another tokenizer -> evaluate", "evaluate", ("tokens", "exits"), ["model.tokenizer={tokenizer}"],
      r"tokens/manifest.json: tokenizer_fingerprint is"),
-    ("targets from another backbone -> train", "train", ("tokens", "teacher"), ["model.num_layers=4"],
+    ("targets from another backbone -> train", "train-exits", ("tokens", "teacher"), ["model.num_layers=4"],
      r"teacher/manifest.json: backbone_fingerprint is '\w+', expected '\w+'"),
     ("exits from another backbone -> evaluate", "evaluate", ("tokens", "exits"), ["model.num_layers=4"],
      r"exits/balcony_config.json: backbone_fingerprint is '\w+', this backbone's is '\w+'"),
     ("exits for another depth list -> evaluate", "evaluate", ("tokens", "exits"), ["exits.depths=[2]"],
      r"exits/balcony_config.json: depths is \[1, 2\], this config's exits.depths is \[2\]"),
-    ("checkpoints for another depth list -> train", "train", ("tokens", "teacher", "exits"), ["exits.depths=[2]"],
+    ("checkpoints for another depth list -> train", "train-exits", ("tokens", "teacher", "exits"), ["exits.depths=[2]"],
      r"exits holds output written with depths=\[1, 2\].*; this run has depths=\[2\]"),
-    ("seq_len changed -> teacher", "teacher", ("tokens",), ["data.seq_len=64"],
+    ("seq_len changed -> teacher", "teacher-logits", ("tokens",), ["data.seq_len=64"],
      r"tokens/manifest.json: seq_len is 128, expected 64"),
-    ("seq_len changed -> train", "train", ("tokens", "teacher"), ["data.seq_len=64"],
+    ("seq_len changed -> train", "train-exits", ("tokens", "teacher"), ["data.seq_len=64"],
      r"teacher/manifest.json: seq_len is 128, expected 64"),
     ("seq_len changed -> evaluate", "evaluate", ("tokens", "exits"), ["data.seq_len=64"],
      r"tokens/manifest.json: seq_len is 128, expected 64"),
     ("other data into finished tokens -> tokenize", "tokenize", ("tokens",), ["data.seed=3"],
      r"tokens holds output written with .*input_fingerprint|tokens holds output written with .*config_hash"),
-    ("other target format into finished targets -> teacher", "teacher", ("tokens", "teacher"), ["teacher.format=sampled"],
+    ("other target format into finished targets -> teacher", "teacher-logits", ("tokens", "teacher"), ["teacher.format=sampled"],
      r"teacher holds output written with .*target_format"),
 ]
 
@@ -164,15 +164,15 @@ MALFORMED = [
     ("tokenize", {"model": {"dtype": "fp8"}}, "model.dtype: expected one of"),
     ("tokenize", {"model": {"trust_remote_code": "yes"}}, "model.trust_remote_code: expected a boolean"),
     ("tokenize", {"run": {"dir": 3}}, "run.dir: expected a string, got 3"),
-    ("teacher", {"teacher": {"k": 100_000}}, "teacher.k: must be below the vocabulary size 49152, got 100000"),
-    ("teacher", {"teacher": {"format": "full"}}, "teacher.format: expected one of 'topk', 'sampled'"),
-    ("teacher", {"teacher": {"logprob_bits": 20}}, "teacher.logprob_bits: must be <= 16"),
-    ("train", {"exits": {"depths": [3]}}, "exits.depths: 3 is out of range"),
-    ("train", {"exits": {"depths": [0, 2]}}, "exits.depths: every depth must be >= 1"),
-    ("train", {"exits": {"depths": [2, 2]}}, "exits.depths: duplicate depths"),
-    ("train", {"train": {"tokens_per_step": 1000}}, "train.tokens_per_step: 1000 is not a multiple of"),
-    ("train", {"train": {"zero_stage": 4}}, "train.zero_stage: must be <= 3"),
-    ("train", {"train": {"lr": "fast"}}, "train.lr: expected a float, got 'fast'"),
+    ("teacher-logits", {"teacher": {"k": 100_000}}, "teacher.k: must be below the vocabulary size 49152, got 100000"),
+    ("teacher-logits", {"teacher": {"format": "full"}}, "teacher.format: expected one of 'topk', 'sampled'"),
+    ("teacher-logits", {"teacher": {"logprob_bits": 20}}, "teacher.logprob_bits: must be <= 16"),
+    ("train-exits", {"exits": {"depths": [3]}}, "exits.depths: 3 is out of range"),
+    ("train-exits", {"exits": {"depths": [0, 2]}}, "exits.depths: every depth must be >= 1"),
+    ("train-exits", {"exits": {"depths": [2, 2]}}, "exits.depths: duplicate depths"),
+    ("train-exits", {"train": {"tokens_per_step": 1000}}, "train.tokens_per_step: 1000 is not a multiple of"),
+    ("train-exits", {"train": {"zero_stage": 4}}, "train.zero_stage: must be <= 3"),
+    ("train-exits", {"train": {"lr": "fast"}}, "train.lr: expected a float, got 'fast'"),
     ("evaluate", {"eval": {"repeats": 0}}, "eval.repeats: must be > 0"),
     ("evaluate", {"eval": {"latency_batches": "8"}}, "eval.latency_batches: expected a list of ints"),
     ("tokenize", "run: [1, 2", "not valid YAML"),
@@ -184,7 +184,8 @@ MALFORMED = [
 def test_malformed_config_is_a_one_line_error_and_starts_nothing(finished_run, tmp_path, tracking_uri, ledger,
                                                                  stage, change, expected):
     run_dir, _, _ = finished_run
-    inputs = {"tokenize": (), "teacher": ("tokens",), "train": ("tokens", "teacher"), "evaluate": ("tokens", "exits")}[stage]
+    inputs = {"tokenize": (), "teacher-logits": ("tokens",), "train-exits": ("tokens", "teacher"),
+              "evaluate": ("tokens", "exits")}[stage]
     for name in inputs:
         shutil.copytree(run_dir / name, tmp_path / "run" / name, ignore=shutil.ignore_patterns("checkpoints"))
     config = tiny_config(tmp_path, tracking_uri, "run")
@@ -280,7 +281,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, ledger):
 
     bad = tmp_path / "mp_rank_00_model_states.pt"
     bad.write_bytes(pickle.dumps({"module": Payload()}))
-    engine = stage_module("train").weights_only_checkpoint_engine(None)
+    engine = stage_module("train-exits").weights_only_checkpoint_engine(None)
     with pytest.raises(pickle.UnpicklingError):
         engine.load(str(bad), map_location="cpu")
     assert not (tmp_path / "pwned").exists()

@@ -1,9 +1,10 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, reference, reference_markdown
+from pipeline.registry import STAGES
 
-from conftest import small_config
+from conftest import ROOT, small_config
 
 BAD = [
     # (section, key, value, message fragment)
@@ -121,3 +122,16 @@ def test_shipped_configs_load(name):
     if name == "llama3-8b.yaml":
         assert cfg.exits.depths == [15, 18, 21] and cfg.data.seq_len == 4096 and cfg.train.zero_stage == 3
         assert cfg.data.total_tokens == 31_500_000_000 and cfg.train.tokens_per_step == 1_048_576
+
+
+def test_make_targets_and_scripts_follow_the_stage_registry():
+    makefile = (ROOT / "Makefile").read_text()
+    for stage in STAGES.values():
+        assert f"stage-{stage.name}" in makefile and (ROOT / "stages" / stage.script).exists(), stage
+
+
+def test_every_key_is_documented_and_the_readme_reference_is_current():
+    assert all(doc for _, _, _, doc in reference()), [key for key, _, _, doc in reference() if not doc]
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+    assert block == reference_markdown(), "README's configuration reference is stale: paste `python -m pipeline.config`"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.registry import STAGES
+
 from conftest import ONE_THREAD, ROOT, losses_by_step, run_command, stage_command, stage_function, tiny_config, tree_bytes
 
 KILLS = 5
@@ -57,7 +59,7 @@ def kill_repeatedly(command: list[str], progress, total: int, seed: int, jitter_
     return landed
 
 
-@pytest.mark.parametrize("stage,seed", [("tokenize", 11), ("teacher", 12)])
+@pytest.mark.parametrize("stage,seed", [("tokenize", 11), ("teacher-logits", 12)])
 def test_kills_in_sharded_stages(finished_run, tmp_path, tracking_uri, ledger, stage, seed):
     run_dir, _, _ = finished_run
     if stage == "tokenize":  # ~300 small shards: enough work for the kills to land mid-stage
@@ -98,8 +100,8 @@ def test_kills_in_train_exits(finished_run, tmp_path, tracking_uri, ledger):
         assert not (exits / "balcony_config.json").exists() and not (exits / "exits.safetensors").exists()
 
     total = max(losses_by_step(stdout))
-    landed = kill_repeatedly(stage_command("train", config, ranks=2), step, total, 13, 1.0, not_exported, tmp_path)
-    final = run_command(stage_command("train", config, ranks=2))
+    landed = kill_repeatedly(stage_command("train-exits", config, ranks=2), step, total, 13, 1.0, not_exported, tmp_path)
+    final = run_command(stage_command("train-exits", config, ranks=2))
     assert f"at step {landed[-1]}" in final.stdout
     seen: dict[int, str] = {}
     for output in [*((tmp_path / f"kill{i}.log").read_text() for i in range(KILLS)), final.stdout]:
@@ -169,7 +171,7 @@ def test_full_disk_then_rerun(finished_run, tmp_path, tracking_uri, ledger):
     ledger("write failure", "tokenize on a full disk (tmpfs), then the disk grows", "survived")
 
 
-@pytest.mark.parametrize("stage,shard", [("tokenize", 3), ("tokenize", 20), ("teacher", 5), ("teacher", 30)])
+@pytest.mark.parametrize("stage,shard", [("tokenize", 3), ("tokenize", 20), ("teacher-logits", 5), ("teacher-logits", 30)])
 def test_injected_write_error_then_rerun(finished_run, tmp_path, tracking_uri, monkeypatch, capsys, ledger, stage, shard):
     """In-process: fsync of train shard N's file raises EIO. A one-line error naming the file, the
     shards committed before it intact, and the rerun completes with the uninterrupted run's bytes."""
@@ -177,8 +179,8 @@ def test_injected_write_error_then_rerun(finished_run, tmp_path, tracking_uri, m
 
     run_dir, _, _ = finished_run
     config = tiny_config(tmp_path, tracking_uri, "inject")
-    folder = {"tokenize": "tokens", "teacher": "teacher"}[stage]
-    if stage == "teacher":
+    folder = STAGES[stage].output
+    if stage == "teacher-logits":
         shutil.copytree(run_dir / "tokens", tmp_path / "inject" / "tokens")
     body = stage_function(stage)
     real_fsync = os.fsync
