@@ -69,7 +69,7 @@ $(STAMP): setup.py
 	touch $@
 
 assets: setup
-	$(PY) -m pipeline.assets --root $(ASSETS)
+	$(PY) -m embedded.assets --root $(ASSETS)
 
 # In place, or submitted to SLURM with CLUSTER=slurm (stages/run_pipeline.py holds both ways).
 stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate: stage-%: assets

@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Balcony early-exit self-distillation pipeline (tokenize, teacher-logits, train-exits, evaluate)",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*"]),
+    packages=find_packages(include=["pipeline", "pipeline.*", "embedded"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16,<0.20",

@@ -21,7 +21,9 @@ from pipeline.balcony import WEIGHTS, BalconyModel
 from pipeline.config import Config, DataConfig
 from pipeline.corpus import ShardPacker, ShardSpec, document_encoder, stream_documents
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluation import baseline_kind, decode_latency, markdown_table, plot, score_batch, speculative_speedup, variants_of
+from pipeline.evaluation import baseline_kind, score_batch, variants_of
+from pipeline.report import markdown_table, plot
+from pipeline.timing import decode_latency, speculative_speedup
 from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage

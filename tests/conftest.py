@@ -28,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    from pipeline.assets import build_assets
+    from embedded.assets import build_assets
 
     build_assets(ASSETS)  # instant when `make assets` already ran
     return ASSETS

@@ -28,7 +28,7 @@ def test_out_of_domain_text_is_apart_from_the_corpus(assets):
 
 
 def test_second_build_verifies_checksums(assets, tmp_path):
-    from pipeline.assets import STAMP, AssetError, _is_intact
+    from embedded.assets import STAMP, AssetError, _is_intact
 
     assert _is_intact(CORPUS) and _is_intact(BACKBONE)
     copy = tmp_path / "corpus"

