@@ -184,7 +184,8 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
             seconds = time.perf_counter() - started
             if rank == 0:
                 lr = scheduler.get_last_lr()[0]
-                per_exit = "  ".join(f"kl@{d} {v:.6f}" for d, v in zip(model.depths, step_kl.tolist()))
+                # 9 significant digits: a float32 exactly, so that runs compare by value (resume, ZeRO stages)
+                per_exit = "  ".join(f"kl@{d} {v:.9g}" for d, v in zip(model.depths, step_kl.tolist()))
                 bar.write(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s")
                 sys.stdout.flush()  # a log file (SLURM) sees each step as it ends
                 bar.update()

@@ -78,9 +78,9 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def losses_by_step(stdout: str) -> dict[int, str]:
-    """train-exits' printed per-exit losses by step number."""
-    return {int(m.group(1)): m.group(3) for m in STEP.finditer(stdout)}
+def losses_by_step(stdout: str) -> dict[int, list[float]]:
+    """train-exits' per-exit losses by step number (printed with a float32's full precision)."""
+    return {int(m.group(1)): [float(v) for v in re.findall(r"kl@\d+ (\S+)", m.group(3))] for m in STEP.finditer(stdout)}
 
 
 # ---------------------------------------------------------------- fault and bad-input ledger

@@ -103,7 +103,7 @@ def test_kills_in_train_exits(finished_run, tmp_path, tracking_uri, ledger):
     landed = kill_repeatedly(stage_command("train-exits", config, ranks=2), step, total, 13, 1.0, not_exported, tmp_path)
     final = run_command(stage_command("train-exits", config, ranks=2))
     assert f"at step {landed[-1]}" in final.stdout
-    seen: dict[int, str] = {}
+    seen: dict[int, list[float]] = {}
     for output in [*((tmp_path / f"kill{i}.log").read_text() for i in range(KILLS)), final.stdout]:
         for s, loss in losses_by_step(output).items():
             assert seen.setdefault(s, loss) == loss, f"step {s} gave two different losses across restarts"

@@ -1,7 +1,6 @@
 """train-exits under real DeepSpeed (2 processes, gloo) on a truncated real backbone (3 layers)."""
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +67,7 @@ def test_zero2_two_processes_kl_falls_and_exports(prepared, zero2):
     folder, config = prepared
     steps = losses_by_step(zero2.stdout)
     assert sorted(steps) == list(range(1, 9)) and "2 ranks, ZeRO-2, fp32" in zero2.stdout
-    first, last = ([float(v) for v in re.findall(r"kl@\d+ ([\d.]+)", steps[n])] for n in (1, 8))
+    first, last = steps[1], steps[8]
     assert all(b < a for a, b in zip(first, last)), (first, last)
     cfg = load_config(config)
     lm = load_backbone(cfg.model)
@@ -86,9 +85,7 @@ def test_zero3_under_torchrun_gives_the_same_losses(prepared, zero2, tmp_path, t
     assert "2 ranks, ZeRO-3, fp32" in proc.stdout
     ours, reference = losses_by_step(proc.stdout), losses_by_step(zero2.stdout)
     for step in reference:
-        a = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", ours[step])]
-        b = [float(v) for v in re.findall(r"[\d.]+$|(?<= )[\d.]+(?=  |$)", reference[step])]
-        assert a == pytest.approx(b, rel=1e-4), step
+        assert ours[step] == pytest.approx(reference[step], rel=1e-4), step
     # resume from ZeRO-3's step-6 checkpoint (partitioned states, loaded with weights_only=True)
     exits = tmp_path / "z3" / "exits"
     weights = (exits / "exits.safetensors").read_bytes()
