@@ -21,6 +21,7 @@ import glob
 import hashlib
 import heapq
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, InputError
+from pipeline.shards import file_sha256
 
 SPLITS = ("train", "heldout")
 
@@ -76,10 +78,16 @@ def local_files(data: DataConfig) -> list[str]:
 
 
 def source_fingerprint(data: DataConfig) -> dict:
-    """What the documents are read from: file sizes and hashes, or the hub dataset's name."""
+    """What the documents are read from: each file's sha256 (streamed), keyed by its name, or by its
+    path below the files' common folder when two names collide; or the hub dataset's name."""
     if data.source == "hub":
         return {"hub": data.hub_name, "config": data.hub_config, "split": data.hub_split}
-    return {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16] for f in local_files(data)}
+    files = [Path(f).resolve() for f in local_files(data)]
+    names = [f.name for f in files]
+    if len(set(names)) < len(names):
+        common = Path(os.path.commonpath(files))
+        names = [str(f.relative_to(common)) for f in files]
+    return {name: file_sha256(f)[:16] for name, f in zip(names, files)}
 
 
 def stream_documents(data: DataConfig, tokenizer=None) -> Iterator[str]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpus import Router, ShardSpec, is_heldout, pack_shards, plan_shards
+from pipeline.corpus import Router, ShardSpec, is_heldout, pack_shards, plan_shards, source_fingerprint
 from pipeline.errors import InputError
 
 
@@ -78,3 +78,12 @@ def test_shards_are_their_documents_joined_by_eos():
 def test_corpus_too_small_is_a_clear_error():
     with pytest.raises(InputError, match="data.budget_tokens: the corpus ran out"):
         _pack(_data(budget_tokens=100_000))
+
+
+def test_files_with_the_same_name_in_two_folders_are_both_fingerprinted(tmp_path):
+    for folder, text in (("a", "one"), ("b", "two")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.jsonl").write_text(f'{{"text": "{text}"}}\n')
+    fingerprint = source_fingerprint(DataConfig(files=[str(tmp_path / "*" / "train.jsonl")], budget_tokens=64, seq_len=8))
+    assert sorted(fingerprint) == ["a/train.jsonl", "b/train.jsonl"]
+    assert fingerprint["a/train.jsonl"] != fingerprint["b/train.jsonl"]
