@@ -122,7 +122,7 @@ mlflow-ui: setup
 
 # The throw-away local SLURM cluster (cluster/local/): SLURM_NODES emulated nodes on 127.0.0.1.
 SLURM_NODES ?= 2
-slurm-up:
+slurm-up: system-deps
 	cluster/local/start.sh $(SLURM_NODES)
 slurm-down:
 	cluster/local/stop.sh
