@@ -200,8 +200,8 @@ class TrainConfig:
     run, each point scored by the evaluate stage); may be added to a run under way."""
     chunk_size: int = _num(1024, gt=0, hashed=False)
     """Positions per head + loss chunk (bounds the [positions, vocab] logits)."""
-    num_workers: int = _num(0, ge=0)
-    """DataLoader workers per rank."""
+    num_workers: int = _num(0, ge=0, le=1)
+    """0: read and decode the shards in the training process; 1: in one background process (same order)."""
     online_teacher: bool = False
     """The backbone's own full forward each step (exact KL) instead of RUN/teacher."""
     objective: Literal["kl", "ce"] = "kl"

@@ -131,10 +131,10 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     # --- data and schedule
     batches = TrainBatches(source, manifest, () if online else (fmt.ids_key, fmt.logprobs_key),
                            cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
-    total_steps = cfg.train.max_steps or batches.batches_in(0) // accumulation
+    total_steps = cfg.train.max_steps or batches.batches_per_epoch // accumulation
     if total_steps < 1:
         raise ConfigError(f"train.tokens_per_step: one step needs {accumulation} micro-batches per rank, "
-                          f"the data gives {batches.batches_in(0)}; lower it or add data")
+                          f"the data gives {batches.batches_per_epoch}; lower it or add data")
 
     late = [s for s in cfg.train.snapshots if s > total_steps]
     if late:
@@ -160,6 +160,10 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
 
     stream = batches.stream(start=step * accumulation)
     if rank == 0:
+        unused = batches.dropped + (batches.batches_per_epoch - total_steps * accumulation) * world * batches.micro_batch
+        if not cfg.train.max_steps and unused:
+            print(f"{STAGE.name} ({name}): {unused} of {batches.samples} train sequences unused per epoch "
+                  f"({batches.dropped} do not fill {world} equal blocks of whole micro-batches, the rest a whole step)")
         print(f"{STAGE.name} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
               f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
