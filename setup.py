@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "embedded"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16,<0.20",
+        "deepspeed>=0.19.2,<0.20",  # 0.16-0.19.1 cast rotary inv_freq buffers to bf16 (wrong positions)
         "transformers>=5.24,<5.25",
         "datasets>=4.0,<6",
         "webdataset>=1.0,<1.1",

@@ -122,6 +122,12 @@ class Decoder:
         scale = getattr(self.config, "embedding_multiplier", None)  # Granite scales in the model's forward
         return hidden * scale if scale is not None else hidden
 
+    def low_precision_rotary(self) -> list[str]:
+        """Rotary frequency buffers that are not fp32. DeepSpeed 0.16 to 0.19.1 casts them to bf16 with
+        the model: a silent position error that grows with the sequence length."""
+        return [name for name, buffer in self.inner.rotary_emb.named_buffers()
+                if buffer.is_floating_point() and buffer.dtype != torch.float32]
+
     def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The model's own forward up to its final norm (no cache): the full model's normed hidden states."""
         return self.inner(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -33,9 +33,10 @@ from pipeline.balcony import CONFIG as EXITS_CONFIG
 from pipeline.balcony import BalconyModel
 from pipeline.config import Config, ConfigError
 from pipeline.distributed import init_distributed
+from pipeline.errors import PipelineError
 from pipeline.losses import exit_losses
-from pipeline.shards import atomic_write, claim_directory, manifest_hash, read_manifest
 from pipeline.registry import TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
+from pipeline.shards import atomic_write, claim_directory, manifest_hash, read_manifest
 from pipeline.stage import run_stage
 from pipeline.targets import TargetFormat
 from pipeline.tracking import stage_run
@@ -43,6 +44,11 @@ from pipeline.train_data import TrainBatches
 
 STAGE = TRAIN_EXITS
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in the optimizer)."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -89,6 +95,11 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     for _, variant, _ in cfg.exit_runs():
         accumulation_steps(variant, world)  # a config error: before any work
     lm = load_backbone(cfg.model, device)
+    dtype = next(lm.parameters()).dtype
+    if not uses_bf16(cfg, device) and dtype != torch.float32:  # fp32 exits would be copies of bf16 layers
+        raise ConfigError(f"train.precision: {cfg.train.precision} trains in fp32 here, but the backbone is {dtype} "
+                          f"(model.dtype {cfg.model.dtype}); set train.precision bf16 (DeepSpeed keeps fp32 master "
+                          "weights of the exits) or model.dtype float32")
     fingerprint = backbone_fingerprint(cfg.model, lm)
     for name, variant, out in cfg.exit_runs():
         train_one(variant, out, name, lm, fingerprint, rank, world, device)
@@ -100,7 +111,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
 
     accumulation = accumulation_steps(cfg, world)
     online = cfg.train.online_teacher or cfg.train.objective == "ce"  # neither needs cached targets
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg, device)
     torch.manual_seed(cfg.train.seed)
 
     # --- inputs: the shards the earlier stages must have produced
@@ -149,6 +160,10 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=deepspeed_config(cfg, accumulation, bf16))
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
+    cast = model.decoder.low_precision_rotary()
+    if cast:
+        raise PipelineError(f"deepspeed: {deepspeed.__version__} cast the rotary buffers {cast} to low precision "
+                            "(positions would be wrong); install deepspeed >= 0.19.2")
     checkpoints = out / "checkpoints"
     step = 0
     if (checkpoints / "latest").exists():

@@ -107,3 +107,18 @@ def test_export_load_round_trip(smollm, tmp_path):
         assert torch.equal(p, q), n
     with pytest.raises(InputError, match="backbone_fingerprint is 'abc', this backbone's is 'xyz'"):
         BalconyModel.from_pretrained(smollm, tmp_path, backbone_fingerprint="xyz")
+
+
+def test_rotary_buffers_cast_to_bf16_are_found(smollm):
+    """What DeepSpeed 0.16-0.19.1 did to rotary frequencies; train-exits refuses to train on it."""
+    from pipeline.decoder import Decoder
+
+    decoder = Decoder(smollm)
+    assert decoder.low_precision_rotary() == []
+    rotary = smollm.model.rotary_emb
+    saved = rotary.inv_freq
+    rotary.inv_freq = saved.to(torch.bfloat16)
+    try:
+        assert "inv_freq" in decoder.low_precision_rotary()
+    finally:
+        rotary.inv_freq = saved

@@ -122,6 +122,8 @@ def test_refusals(prepared, zero2):
     assert proc.returncode == 2 and "depths=[1, 2]" in proc.stderr and "this run has depths=[2]" in proc.stderr
     proc = run_stage("train_exits.py", "--config", config, "train.tokens_per_step=1000", check=False)
     assert proc.returncode == 2 and "train.tokens_per_step: 1000 is not a multiple" in proc.stderr
+    proc = run_stage("train_exits.py", "--config", config, "model.dtype=bfloat16", check=False)  # fp32 on CPU
+    assert proc.returncode == 2 and "train.precision: auto trains in fp32 here, but the backbone is torch.bfloat16" in proc.stderr
 
 
 def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zero2, tmp_path):
