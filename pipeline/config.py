@@ -333,8 +333,10 @@ class ClusterConfig:
     """Tasks of the array stages (tokenize, teacher-logits)."""
     sbatch_args: list[str] = field(default_factory=list)
     """Anything else for sbatch, e.g. ["--qos=high"]."""
-    shard: JobConfig = field(default_factory=JobConfig)
-    """Each task of tokenize and teacher-logits."""
+    tokenize: JobConfig = field(default_factory=JobConfig)
+    """Each array task of tokenize (CPU only: it needs no GPU)."""
+    teacher: JobConfig = field(default_factory=JobConfig)
+    """Each array task of teacher-logits (one GPU on a GPU site)."""
     train: JobConfig = field(default_factory=JobConfig)
     """The train-exits job."""
     evaluate: JobConfig = field(default_factory=JobConfig)

@@ -44,11 +44,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
-    local_rank = int(env.get("LOCAL_RANK", 0))
+    # a site that binds one GPU to each task shows every rank a single device 0
+    index = int(env.get("LOCAL_RANK", 0)) % torch.cuda.device_count() if cuda else 0
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(index)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = torch.device("cuda", index) if cuda else torch.device("cpu")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
 
 

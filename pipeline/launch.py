@@ -156,7 +156,8 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
         if stage in ("tokenize", "teacher-logits"):
             tasks = ",".join(map(str, pending_tasks(cfg, stage, cluster.array_tasks)))
             log = logs / f"{stage}-%A_%a.log"
-            args += [f"--array={tasks}", f"--output={log}", *sbatch_resources(cluster, cluster.shard)]
+            resources = cluster.tokenize if stage == "tokenize" else cluster.teacher
+            args += [f"--array={tasks}", f"--output={log}", *sbatch_resources(cluster, resources)]
             script = "stage.sbatch"
         elif stage == "train-exits":
             log = logs / f"{stage}-%j.log"

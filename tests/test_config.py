@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, reference, reference_markdown
+from pipeline.config import ConfigError, load_cluster_config, load_config, reference, reference_markdown
 from pipeline.registry import STAGES
 
 from conftest import ROOT, small_config
@@ -116,8 +116,6 @@ def test_hash_is_stable_and_sensitive(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "llama3-8b.yaml"])
 def test_shipped_configs_load(name):
-    from conftest import ROOT
-
     cfg = load_config(ROOT / "configs" / name)
     if name == "llama3-8b.yaml":
         assert cfg.exits.depths == [15, 18, 21] and cfg.data.seq_len == 4096 and cfg.train.zero_stage == 3
@@ -135,3 +133,9 @@ def test_every_key_is_documented_and_the_readme_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
     assert block == reference_markdown(), "README's configuration reference is stale: paste `python -m pipeline.config`"
+
+
+def test_shipped_site_configs_load_with_a_cpu_only_tokenize():
+    for path in sorted((ROOT / "configs" / "cluster").glob("*.yaml")):
+        site = load_cluster_config(path)
+        assert site.tokenize.gpus_per_node == 0, path

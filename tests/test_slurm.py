@@ -38,7 +38,7 @@ def cluster(tmp_path_factory):
     site.write_text(yaml.safe_dump({
         "partition": "local", "env_setup": f"source {ROOT}/.venv/bin/activate" if (ROOT / ".venv").exists() else "",
         "slurm_conf": str(state / "slurm.conf"), "array_tasks": 2,
-        "shard": {"mem": "2G"}, "train": {"nodes": 2, "tasks_per_node": 1, "mem": "2G"}, "evaluate": {"mem": "2G"}}))
+        "tokenize": {"mem": "2G"}, "teacher": {"mem": "2G"}, "train": {"nodes": 2, "tasks_per_node": 1, "mem": "2G"}, "evaluate": {"mem": "2G"}}))
     yield site
     subprocess.run([str(ROOT / "cluster/local/stop.sh")], env=env, capture_output=True, text=True, timeout=120)
 
