@@ -89,7 +89,8 @@ def test_corrupt_input_is_refused_before_use(finished_run, foreign, tmp_path, tr
     produced = tmp_path / "run" / output
     # nothing built from the bad shard: no manifest, no export, no metrics, no output for that shard
     assert not any((produced / name).exists() for name in ("manifest.json", "exits.safetensors", "metrics.json", file))
-    assert not (produced / "checkpoints").exists()
+    if consumer != "train-exits":  # which verifies a shard when it first opens it, not the dataset up front:
+        assert not (produced / "checkpoints").exists()  # steps before that shard may be checkpointed
     ledger("bad input", f"{consumer} reading {damaged}: {corruption}", "refused")
 
 
