@@ -50,7 +50,8 @@ class TrainBatches:
         """Micro-batches every rank runs in `epoch` (the same in every epoch)."""
         return self.batches_per_epoch
 
-    def _order(self, epoch: int) -> list[dict]:
+    def epoch_order(self, epoch: int) -> list[dict]:
+        """The train shards in `epoch`'s seeded order."""
         order = list(range(len(self.shards)))
         random.Random(self.seed * 100_003 + epoch).shuffle(order)
         return [self.shards[i] for i in order]
@@ -67,7 +68,7 @@ class TrainBatches:
 
     def _samples(self, epoch: int, skip: int) -> Iterator[tuple]:
         """This rank's samples of `epoch` from micro-batch `skip` on: its block of the epoch's sequence."""
-        shards = self._order(epoch)
+        shards = self.epoch_order(epoch)
         starts = list(itertools.accumulate((s["samples"] for s in shards), initial=0))
         begin = self.rank * self.block + skip * self.micro_batch
         end = (self.rank + 1) * self.block

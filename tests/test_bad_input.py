@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import load_config
+from pipeline.train_data import TrainBatches
+
 from conftest import BACKBONE, ROOT, run_command, stage_command, stage_module, tiny_config, tree_bytes
 
 # consumer stage -> (the inputs it reads, the folder damaged, the shard damaged (split, index, file), its output)
@@ -62,6 +65,12 @@ def foreign(tmp_path_factory, tracking_uri, assets):
     return folder / "run"
 
 
+def first_train_shard(stage_dir: Path, cfg) -> str:
+    """The train shard train-exits (one rank) reads first: the first of epoch 0's seeded order."""
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    return TrainBatches(stage_dir, manifest, (), cfg.train.micro_batch_size, 0, 1, cfg.train.seed).epoch_order(0)[0]["file"]
+
+
 def refusal(stage: str, config: Path, *overrides: str) -> str:
     """Run the stage as a user would (train-exits as one plain process); return its one error line."""
     proc = run_command(stage_command(stage, config, *overrides), check=False)
@@ -77,6 +86,9 @@ def test_corrupt_input_is_refused_before_use(finished_run, foreign, tmp_path, tr
     run_dir, _, _ = finished_run
     inputs, damaged, (split, index, file), output = CONSUMERS[consumer]
     config = tiny_config(tmp_path, tracking_uri, "run")
+    if consumer == "train-exits":  # it verifies a shard when it first opens it: damage the first it reads
+        file = first_train_shard(run_dir / damaged, load_config(config))
+        index = int(file[len("shard-"):-len(".tar")])
     for name in inputs:
         shutil.copytree(run_dir / name, tmp_path / "run" / name, ignore=shutil.ignore_patterns("checkpoints"))
     damage, expected = CORRUPTIONS[corruption]
@@ -89,8 +101,7 @@ def test_corrupt_input_is_refused_before_use(finished_run, foreign, tmp_path, tr
     produced = tmp_path / "run" / output
     # nothing built from the bad shard: no manifest, no export, no metrics, no output for that shard
     assert not any((produced / name).exists() for name in ("manifest.json", "exits.safetensors", "metrics.json", file))
-    if consumer != "train-exits":  # which verifies a shard when it first opens it, not the dataset up front:
-        assert not (produced / "checkpoints").exists()  # steps before that shard may be checkpointed
+    assert not (produced / "checkpoints").exists()
     ledger("bad input", f"{consumer} reading {damaged}: {corruption}", "refused")
 
 

@@ -64,7 +64,7 @@ def test_resume_reads_no_shard_before_the_one_it_needs(stage_dir, monkeypatch):
     resumed = TrainBatches(folder, manifest, (), 2, 1, 2, seed=3)
     assert _numbers(resumed, 4, start=5) == whole[5:9]  # the last batch of epoch 0, then epoch 1
     # 25 samples, 2 ranks, micro-batch 2: blocks of 12; rank 1's micro-batch 5 of epoch 0 is sample 12 + 10
-    order = resumed._order(0)
+    order = resumed.epoch_order(0)
     first = int(np.searchsorted(np.cumsum([s["samples"] for s in order]), 22, side="right"))
     assert opened[0] == order[first]["file"]  # opened in order from there: no earlier shard
 
@@ -72,7 +72,7 @@ def test_resume_reads_no_shard_before_the_one_it_needs(stage_dir, monkeypatch):
 def test_a_corrupt_shard_is_refused_when_first_opened_not_before(stage_dir):
     folder, manifest = stage_dir
     batches = TrainBatches(folder, manifest, (), 1, 0, 1, seed=0)
-    victim = batches._order(0)[-1]["file"]  # read last in epoch 0
+    victim = batches.epoch_order(0)[-1]["file"]  # read last in epoch 0
     data = bytearray((folder / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (folder / victim).write_bytes(bytes(data))
