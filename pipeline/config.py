@@ -25,10 +25,10 @@ from pipeline.errors import ConfigError
 from pipeline.registry import TRAIN_EXITS
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None, hashed=True):
-    """A numeric field with its range. `hashed=False`: how a run executes, not what it computes (batch
+def _num(default, *, ge=None, gt=None, le=None, lt=None, execution=False):
+    """A numeric field with its range. `execution=True`: how a run executes, not what it computes (batch
     and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "hashed": hashed})
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "execution": execution})
 
 
 @dataclass
@@ -153,9 +153,9 @@ class TeacherConfig:
     """Positions per batch checked against the full distribution (logged, not stored)."""
     seed: int = _num(0, ge=0)
     """Draws of the sampled format."""
-    batch_size: int = _num(8, gt=0, hashed=False)
+    batch_size: int = _num(8, gt=0, execution=True)
     """Sequences per backbone forward."""
-    chunk_size: int = _num(1024, gt=0, hashed=False)
+    chunk_size: int = _num(1024, gt=0, execution=True)
     """Positions per head + log-softmax chunk (bounds the [positions, vocab] logits)."""
 
 
@@ -189,16 +189,16 @@ class TrainConfig:
     autocast_bf16: bool = False
     """bf16 autocast of the matmuls (prefix, exits, head) with fp32 weights and losses: ~2x on CPUs with
     avx512_bf16 or AMX; on a GPU, precision bf16 already runs in bf16."""
-    checkpoint_every: int = _num(200, gt=0, hashed=False)
+    checkpoint_every: int = _num(200, gt=0, execution=True)
     """Optimizer steps between checkpoints."""
-    keep_checkpoints: int = _num(2, gt=0, hashed=False)
+    keep_checkpoints: int = _num(2, gt=0, execution=True)
     """Checkpoints kept."""
     max_steps: int = _num(0, ge=0)
     """Optimizer steps; 0: one pass over the data."""
-    snapshots: list[int] = field(default_factory=list, metadata={"hashed": False})
+    snapshots: list[int] = field(default_factory=list, metadata={"execution": True, "since_execution_hash": True})
     """Steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (a learning curve from one
     run, each point scored by the evaluate stage); may be added to a run under way."""
-    chunk_size: int = _num(1024, gt=0, hashed=False)
+    chunk_size: int = _num(1024, gt=0, execution=True)
     """Positions per head + loss chunk (bounds the [positions, vocab] logits)."""
     num_workers: int = _num(0, ge=0, le=1)
     """0: read and decode the shards in the training process; 1: in one background process (same order)."""
@@ -226,9 +226,9 @@ class TrainConfig:
 class EvalConfig:
     max_sequences: int = _num(0, ge=0)
     """Held-out sequences to score; 0: all."""
-    batch_size: int = _num(4, gt=0, hashed=False)
+    batch_size: int = _num(4, gt=0, execution=True)
     """Sequences per forward."""
-    chunk_size: int = _num(1024, gt=0, hashed=False)
+    chunk_size: int = _num(1024, gt=0, execution=True)
     """Positions per head chunk."""
     baselines: list[str] = field(default_factory=list)
     """Exported folders (a tuned lens, CE exits) scored beside the exits."""
@@ -285,12 +285,15 @@ class Config:
             runs.append((name, variant, self.run_dir / "baselines" / name))
         return runs
 
-    def hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none): what a stage's output depends on."""
+    def hash(self, *sections: str, with_execution: bool = False) -> str:
+        """Stable hash of the named sections (all when none): what a stage's output depends on, not
+        how it runs (execution fields). `with_execution`: the hash as it was before execution fields
+        left it, which run directories made by earlier versions hold (stages accept it as the same)."""
         data = self.to_dict()
         for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
-                if not f.metadata.get("hashed", True):
+                keep = with_execution and not f.metadata.get("since_execution_hash", False)
+                if f.metadata.get("execution", False) and not keep:
                     del data[section.name][f.name]
         chosen = {name: data[name] for name in (sections or data)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]

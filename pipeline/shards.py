@@ -120,18 +120,26 @@ def completed_record(stage_dir: Path, split: str, index: int) -> ShardRecord | N
 # ---------------------------------------------------------------- header and manifest
 
 
-def claim_directory(stage_dir: Path, header: dict, write: bool = True, ignore: tuple[str, ...] = ()) -> None:
+def _differ(written: dict, wanted: dict, also: dict | None) -> list[str]:
+    """Fields of `wanted` that `written` does not hold; `also` maps a field to another value that
+    counts as the same (the config hash an earlier version computed for the same settings)."""
+    also = also or {}
+    # the specific fields first: "depths" says more than the config hash that covers it
+    keys = sorted(set(written) | set(wanted), key=lambda k: (k == "config_hash", k))
+    return [k for k in keys if written.get(k) != wanted.get(k) and (k not in also or written.get(k) != also[k])]
+
+
+def claim_directory(stage_dir: Path, header: dict, write: bool = True, ignore: tuple[str, ...] = (),
+                    also: dict | None = None) -> None:
     """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else
-    (fields in `ignore` may differ).
+    (fields in `ignore` may differ; `also`: values that count as the same, see `_differ`).
 
     In a multi-process job every rank checks (so all refuse alike) and one writes (`write`).
     """
     path = Path(stage_dir) / PARTS / "header.json"
     if path.exists():
         earlier = json.loads(path.read_text())
-        # the specific fields first: "depths" says more than the config hash that covers it
-        keys = sorted((set(earlier) | set(header)) - set(ignore), key=lambda k: (k == "config_hash", k))
-        differ = [k for k in keys if earlier.get(k) != header.get(k)]
+        differ = [k for k in _differ(earlier, header, also) if k not in ignore]
         if differ:
             was = ", ".join(f"{k}={earlier.get(k)!r}" for k in differ)
             now = ", ".join(f"{k}={header.get(k)!r}" for k in differ)
@@ -164,8 +172,9 @@ def manifest_hash(stage_dir: Path) -> str:
     return file_sha256(Path(stage_dir) / MANIFEST)
 
 
-def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None) -> dict:
-    """Load and check a finished stage's manifest; `expect` maps fields to required values."""
+def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None, also: dict | None = None) -> dict:
+    """Load and check a finished stage's manifest; `expect` maps fields to required values (`also`:
+    values that count as the same, see `_differ`)."""
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         raise ShardError(f"{path} not found: run the {stage} stage first (or let it finish)")
@@ -174,9 +183,8 @@ def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None) -> di
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     checks = {"stage": stage, "format_version": FORMAT_VERSION, **(expect or {})}
-    for key, want in checks.items():
-        if manifest.get(key) != want:
-            raise ShardError(f"{path}: {key} is {manifest.get(key)!r}, expected {want!r}")
+    for key in _differ({k: manifest.get(k) for k in checks}, checks, also):
+        raise ShardError(f"{path}: {key} is {manifest.get(key)!r}, expected {checks[key]!r}")
     return manifest
 
 

@@ -50,14 +50,16 @@ def run_sharded(
     counts: dict[str, int],
     task: tuple[int, int],
     write: Callable[[list[Shard], Tracker], int],
+    also: dict | None = None,
 ) -> dict | None:
     """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
+    `also`: header values that count as the same (the config hash of an earlier version).
 
     Returns the manifest once the set is complete (now or earlier), else None.
     """
-    claim_directory(out, header)  # refuses a directory written from other inputs or settings
+    claim_directory(out, header, also=also)  # refuses a directory written from other inputs or settings
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out, stage, expect=header)
+        manifest = read_manifest(out, stage, expect=header, also=also)
         print(f"{stage}: {out} is complete ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
         return manifest
     shards = [(split, index) for split, count in counts.items() for index in range(count)]

@@ -62,7 +62,9 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
         return total
 
     counts = {split: len(shards) for split, shards in records.items()}
-    run_sharded(cfg, STAGE.tag, out, header, counts, task, write)
+    # directories made before execution settings left the hash hold the hash with them
+    run_sharded(cfg, STAGE.tag, out, header, counts, task, write,
+                also={"config_hash": cfg.hash("teacher", with_execution=True)})
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes.
     # Finished exits are the same whatever the world size that made them; a resume needs the same.
     finished = (out / EXITS_CONFIG).exists()
-    claim_directory(out, header, write=rank == 0, ignore=("world_size",) if finished else ())
+    claim_directory(out, header, write=rank == 0, ignore=("world_size",) if finished else (),
+                    also={"config_hash": cfg.hash("exits", "train", with_execution=True)})  # earlier versions' hash
     dist.barrier()
     if finished:
         if rank == 0:

@@ -124,3 +124,12 @@ def test_atomic_write_never_exposes_partial_file(tmp_path, monkeypatch):
     with pytest.raises(ShardError, match=r"f.bin: write failed \(injected failure before rename\)"):
         shards.atomic_write(target, b"new contents")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_an_equivalent_config_hash_is_accepted(tmp_path):
+    shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "old"})
+    with pytest.raises(ShardError, match="config_hash='old'; this run has config_hash='new'"):
+        shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "new"})
+    shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "new"}, also={"config_hash": "old"})
+    with pytest.raises(ShardError, match="stage="):  # only the named field has an equivalent
+        shards.claim_directory(tmp_path, {"stage": "tokenize", "config_hash": "new"}, also={"config_hash": "old"})
