@@ -46,10 +46,6 @@ class TrainBatches:
                              f"of {micro_batch}; lower train.micro_batch_size or add data")
         self._verified: set[str] = set()  # each shard is checked once per process, when first opened
 
-    def batches_in(self, epoch: int) -> int:
-        """Micro-batches every rank runs in `epoch` (the same in every epoch)."""
-        return self.batches_per_epoch
-
     def epoch_order(self, epoch: int) -> list[dict]:
         """The train shards in `epoch`'s seeded order."""
         order = list(range(len(self.shards)))
