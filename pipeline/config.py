@@ -99,6 +99,12 @@ class DataConfig:
     """Document order and held-out choice."""
     shuffle_buffer: int = _num(10000, ge=0)
     """Streaming shuffle buffer in documents; 0 keeps the source's order."""
+    # Execution: with the same files, a run that succeeds makes the same shards either way.
+    on_bad_record: Literal["error", "skip"] = field(
+        default="error", metadata={"execution": True, "since_execution_hash": True})
+    """A record that cannot be a document (bad JSON, a binary or empty file, no text or not a string):
+    error refuses the first (FILE:LINE) before anything is written; skip leaves such records out and
+    counts them in the manifest (skipped_records)."""
 
     def validate(self, path: str) -> None:
         if self.source == "hub":

@@ -2,7 +2,7 @@
 
 The layout is a pure function of the config, so any number of tasks produce the same bytes:
 
-- documents come from a `datasets` stream (local text/JSONL/parquet or a hub dataset) in a
+- documents come from `pipeline.sources` (local text/JSONL/parquet or a hub dataset) in a
   seeded order; document j is held out when a hash of (seed, j) falls below `heldout_fraction`;
 - each split needs `round(tokens / seq_len)` sequences, cut into shards of `sequences_per_shard`;
 - each document goes to the shard of its split that has received the fewest characters per
@@ -17,20 +17,16 @@ it owns, and a rerun redoes only missing shards.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import heapq
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.errors import ConfigError, InputError
-from pipeline.shards import file_sha256
+from pipeline.errors import InputError
 
 SPLITS = ("train", "heldout")
 
@@ -62,63 +58,6 @@ def shard_counts(specs: Iterable[ShardSpec]) -> dict[str, int]:
 def is_heldout(seed: int, doc_index: int, fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
-# ---------------------------------------------------------------- sources
-
-
-def local_files(data: DataConfig) -> list[str]:
-    files = []
-    for pattern in data.files:
-        matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            raise ConfigError(f"data.files: no file matches {pattern!r}")
-        files.extend(matches)
-    return files
-
-
-def source_fingerprint(data: DataConfig) -> dict:
-    """What the documents are read from: each file's sha256 (streamed), keyed by its name, or by its
-    path below the files' common folder when two names collide; or the hub dataset's name."""
-    if data.source == "hub":
-        return {"hub": data.hub_name, "config": data.hub_config, "split": data.hub_split}
-    files = [Path(f).resolve() for f in local_files(data)]
-    names = [f.name for f in files]
-    if len(set(names)) < len(names):
-        common = Path(os.path.commonpath(files))
-        names = [str(f.relative_to(common)) for f in files]
-    return {name: file_sha256(f)[:16] for name, f in zip(names, files)}
-
-
-def stream_documents(data: DataConfig, tokenizer=None) -> Iterator[str]:
-    """Documents as text, in the seeded order every task sees identically."""
-    from datasets import load_dataset
-
-    if data.source == "hub":
-        stream = load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
-    else:
-        options = {"sample_by": data.text_sample_by} if data.source == "text" else {}
-        stream = load_dataset(data.source, data_files=local_files(data), split="train", streaming=True, **options)
-    if data.shuffle_buffer:
-        stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
-    for i, record in enumerate(stream):
-        yield _document_text(record, data, tokenizer, i)
-
-
-def _document_text(record: dict, data: DataConfig, tokenizer, index: int) -> str:
-    field = data.text_field if data.source != "text" else "text"
-    if field not in record:
-        raise InputError(f"data.text_field: record {index} has no field {field!r} (fields: {', '.join(record)})")
-    if not data.chat_template:
-        return record[field]
-    if data.prompt_field not in record:
-        raise InputError(f"data.prompt_field: record {index} has no field {data.prompt_field!r}")
-    if not tokenizer.chat_template:
-        raise InputError("data.chat_template: the tokenizer has no chat template; set it to false or pick model.tokenizer")
-    # As the Balcony reference code does for cosmopedia-v2: (prompt, text) as one conversation.
-    messages = [{"role": "user", "content": record[data.prompt_field]},
-                {"role": "assistant", "content": record[field]}]
-    return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 # ---------------------------------------------------------------- packing

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import WEIGHTS, BalconyModel
 from pipeline.config import Config, DataConfig
-from pipeline.corpus import ShardPacker, ShardSpec, document_encoder, stream_documents
+from pipeline.corpus import ShardPacker, ShardSpec, document_encoder
+from pipeline.sources import stream_documents
 from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, score_batch, variants_of
 from pipeline.report import markdown_table, plot
@@ -58,7 +59,7 @@ def file_sequences(cfg: Config, pattern: str) -> torch.Tensor:
                       seq_len=cfg.data.seq_len)
     packer = ShardPacker(ShardSpec("heldout", 0, max(1, cfg.eval.data_tokens // cfg.data.seq_len)), cfg.data.seq_len)
     encode = document_encoder(load_tokenizer(cfg.model))
-    for text in stream_documents(data):
+    for text in stream_documents(data, key="eval.data"):
         packer.add(encode([text])[0])
         if packer.full:
             return torch.as_tensor(packer.sequences()).long()

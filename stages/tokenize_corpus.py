@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.config import Config
-from pipeline.corpus import document_encoder, pack_shards, plan_shards, shard_counts, source_fingerprint, stream_documents
+from pipeline.corpus import document_encoder, pack_shards, plan_shards, shard_counts
+from pipeline.sources import scan_sources, source_fingerprint, stream_documents
 from pipeline.shards import TOKENS_KEY, write_shard
 from pipeline.registry import TOKENIZE
 from pipeline.stage import run_sharded, run_stage
@@ -22,11 +23,13 @@ STAGE = TOKENIZE
 
 
 def tokens_header(cfg: Config, tokenizer) -> dict:
-    """What the token shards are a function of; pinned in .parts/header.json and the manifest."""
+    """What the token shards are a function of; pinned in .parts/header.json and the manifest.
+    Reads every record first: a bad one is refused (or counted) before anything is written."""
     return {
         "stage": STAGE.tag,
         "config_hash": cfg.hash("data"),
         "input_fingerprint": source_fingerprint(cfg.data),
+        "skipped_records": scan_sources(cfg.data),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
@@ -55,7 +58,10 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
                 bar.update(sequences.size)
         return total
 
-    run_sharded(cfg, STAGE.tag, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write)
+    header = tokens_header(cfg, tokenizer)
+    # directories of earlier versions hold no skipped_records: they skipped none
+    also = {"skipped_records": None} if header["skipped_records"] == 0 else None
+    run_sharded(cfg, STAGE.tag, out, header, shard_counts(specs), task, write, also=also)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.corpus import Router, ShardSpec, is_heldout, pack_shards, plan_shards, source_fingerprint
+from pipeline.corpus import Router, ShardSpec, is_heldout, pack_shards, plan_shards
+from pipeline.sources import source_fingerprint
 from pipeline.errors import InputError
 
 

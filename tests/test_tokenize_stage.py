@@ -110,6 +110,20 @@ def test_bad_config_starts_no_work(write_config, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_bad_record_is_one_line_naming_it_or_skipped_and_counted(write_config, tmp_path):
+    from conftest import CORPUS
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"text": "a whole record"}\n{"text": "cut o')
+    files = [str(CORPUS / "*.jsonl"), str(cut)]
+    config = write_config("cut.yaml", run_dir=tmp_path / "run", data={"files": files})
+    proc = run_stage(STAGE, "--config", config, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: data.files: {cut}:2: not valid JSON at column 10: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    run_stage(STAGE, "--config", config, "data.on_bad_record=skip")
+    assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["skipped_records"] == 1
+
+
 def test_stage_logs_an_mlflow_run(reference, tracking_uri):
     import mlflow
 

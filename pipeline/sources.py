@@ -1,0 +1,233 @@
+"""Documents from local files (JSON Lines, text, Parquet) or a hub dataset.
+
+Local files are read by the readers below, not by `datasets`' own: a bad record must be refused
+in one line naming its file and line (Arrow's readers fail deep inside with neither), and
+`scan_sources` must find every bad record before a stage writes anything. `datasets` still
+provides the seeded streaming shuffle: the files are its shards, as with its own readers, so
+the document order is the one `datasets` gives for the same files and seed.
+
+A bad record is one that cannot become a document: a line that is not JSON (a cut-off last line,
+a binary file), JSON that is not an object, a missing or non-string text (or prompt) field, a
+null in a Parquet text column, a text file that is not UTF-8, a file with no records at all.
+`data.on_bad_record: error` refuses the first; `skip` leaves them out and counts them.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError, InputError
+from pipeline.shards import file_sha256
+
+TEXT_CHUNK = 10 << 20  # characters per read of a .txt file in paragraph mode (as `datasets` reads)
+
+
+class BadRecord(str):
+    """Why a record cannot become a document, with its place: "FILE:LINE: what is wrong"."""
+
+
+def local_files(data: DataConfig, key: str = "data.files") -> list[str]:
+    files = []
+    for pattern in data.files:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise ConfigError(f"{key}: no file matches {pattern!r}")
+        files.extend(matches)
+    return files
+
+
+def source_fingerprint(data: DataConfig) -> dict:
+    """What the documents are read from: each file's sha256 (streamed), keyed by its name, or by its
+    path below the files' common folder when two names collide; or the hub dataset's name."""
+    if data.source == "hub":
+        return {"hub": data.hub_name, "config": data.hub_config, "split": data.hub_split}
+    files = [Path(f).resolve() for f in local_files(data)]
+    names = [f.name for f in files]
+    if len(set(names)) < len(names):
+        common = Path(os.path.commonpath(files))
+        names = [str(f.relative_to(common)) for f in files]
+    return {name: file_sha256(f)[:16] for name, f in zip(names, files)}
+
+
+# ---------------------------------------------------------------- one file -> records
+
+
+def _json_lines(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
+    with open(path, "rb") as f:  # bytes: a binary file must not fail before its first line is named
+        for number, line in enumerate(f, 1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                yield where, BadRecord(f"{where}: not UTF-8 text (a binary file?)")
+                continue
+            except json.JSONDecodeError as e:
+                cut = "; the line ends without a newline: is the file cut off?" if not line.endswith(b"\n") else ""
+                what = e.msg.removesuffix(" starting at")  # "Unterminated string starting at"
+                yield where, BadRecord(f"{where}: not valid JSON at column {e.colno}: {what}{cut}")
+                continue
+            if not isinstance(record, dict):
+                yield where, BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield where, record
+
+
+def _undecodable_line(path: str) -> BadRecord | None:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return BadRecord(f"{path}:{number}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                                 "a binary file? (the whole file is one bad record)")
+    return None
+
+
+def _text_documents(path: str, sample_by: str) -> Iterator[tuple[str, dict | BadRecord]]:
+    """What `datasets`' text reader yields: universal newlines; a line (without its newline), a
+    paragraph (split on blank lines, empty ones dropped), or the whole file."""
+    bad = _undecodable_line(path)
+    if bad:
+        yield path, bad
+        return
+    with open(path, encoding="utf-8") as f:
+        if sample_by == "line":
+            for number, line in enumerate(f, 1):
+                yield f"{path}:{number}", {"text": line.rstrip("\n")}
+        elif sample_by == "paragraph":
+            pending = ""
+            while chunk := f.read(TEXT_CHUNK):
+                *paragraphs, pending = (pending + chunk + f.readline()).split("\n\n")
+                yield from ((path, {"text": p}) for p in paragraphs if p)
+            if pending:
+                yield path, {"text": pending}
+        else:
+            yield path, {"text": f.read()}
+
+
+def _parquet_rows(path: str, columns: list[str]) -> Iterator[tuple[str, dict | BadRecord]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        yield path, BadRecord(f"{path}: not a Parquet file ({e})")
+        return
+    schema = table.schema_arrow
+    for name in columns:
+        if name not in schema.names:
+            yield path, BadRecord(f"{path}: no column {name!r} (columns: {', '.join(schema.names)})")
+            return
+        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
+            yield path, BadRecord(f"{path}: column {name!r} holds {schema.field(name).type}, not text")
+            return
+    row = 0
+    for batch in table.iter_batches(columns=columns):
+        for record in batch.to_pylist():
+            yield f"{path}: row {row}", record
+            row += 1
+
+
+def file_records(path: str, data: DataConfig) -> Iterator[dict | BadRecord]:
+    """Every record of one local file in file order: its text (and prompt) fields, or why it is bad."""
+    if data.source == "json":
+        records = _json_lines(path)
+    elif data.source == "text":
+        records = _text_documents(path, data.text_sample_by)
+    else:
+        records = _parquet_rows(path, _fields(data))
+    empty = True
+    for where, record in records:
+        empty = False
+        yield record if isinstance(record, BadRecord) else _checked_fields(where, record, data)
+    if empty:
+        yield BadRecord(f"{path}: no records (an empty file?)")
+
+
+def _fields(data: DataConfig) -> list[str]:
+    return [data.text_field if data.source != "text" else "text"] + ([data.prompt_field] if data.chat_template else [])
+
+
+def _checked_fields(where: str, record: dict, data: DataConfig) -> dict | BadRecord:
+    """The record's text (and prompt) fields if they are strings, else why not."""
+    for name in _fields(data):
+        if name not in record:
+            return BadRecord(f"{where}: no field {name!r} (fields: {', '.join(record) or 'none'})")
+        if not isinstance(record[name], str):
+            kind = "null" if record[name] is None else type(record[name]).__name__
+            return BadRecord(f"{where}: field {name!r} is {kind}, not a string")
+    return {name: record[name] for name in _fields(data)}
+
+
+# ---------------------------------------------------------------- the scan and the stream
+
+
+def scan_sources(data: DataConfig, key: str = "data.files") -> int:
+    """Read every record of the local files once, before anything is written: with on_bad_record
+    error, refuse the first bad one; with skip, return how many there are. Hub datasets are checked
+    as they stream (0 here)."""
+    if data.source == "hub":
+        return 0
+    bad = good = 0
+    first = None
+    for path in local_files(data, key):
+        for record in file_records(path, data):
+            if not isinstance(record, BadRecord):
+                good += 1
+            elif data.on_bad_record == "error":
+                raise InputError(f"{key}: {record} (data.on_bad_record: skip leaves such records out)")
+            else:
+                bad, first = bad + 1, first or record
+    if good == 0:
+        raise InputError(f"{key}: no readable record in {', '.join(data.files)}; the first bad one: {first}")
+    return bad
+
+
+def _good_records(files: list[str], data: DataConfig, key: str) -> Iterator[dict]:
+    for path in files:
+        for record in file_records(path, data):
+            if not isinstance(record, BadRecord):
+                yield record
+            elif data.on_bad_record == "error":
+                raise InputError(f"{key}: {record}")
+
+
+def stream_documents(data: DataConfig, tokenizer=None, key: str = "data.files") -> Iterator[str]:
+    """Documents as text, in the seeded order every task sees identically."""
+    from datasets import IterableDataset, load_dataset
+
+    if data.source == "hub":
+        stream = load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
+    else:
+        # gen_kwargs lists are `datasets`' shards: one per file, shuffled by the seed as its readers' are
+        stream = IterableDataset.from_generator(
+            _good_records, gen_kwargs={"files": local_files(data, key), "data": data, "key": key})
+    if data.shuffle_buffer:
+        stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
+    for i, record in enumerate(stream):
+        if data.source == "hub":
+            record = _checked_fields(f"{data.hub_name} record {i}", record, data)  # local ones are checked
+            if isinstance(record, BadRecord):
+                if data.on_bad_record == "error":
+                    raise InputError(f"data.hub_name: {record}")
+                continue
+        yield _document_text(record, data, tokenizer)
+
+
+def _document_text(record: dict, data: DataConfig, tokenizer) -> str:
+    field = _fields(data)[0]
+    if not data.chat_template:
+        return record[field]
+    if not tokenizer.chat_template:
+        raise InputError("data.chat_template: the tokenizer has no chat template; set it to false or pick model.tokenizer")
+    # As the Balcony reference code does for cosmopedia-v2: (prompt, text) as one conversation.
+    messages = [{"role": "user", "content": record[data.prompt_field]},
+                {"role": "assistant", "content": record[field]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
