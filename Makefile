@@ -33,7 +33,7 @@ MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
 .PHONY: help setup system-deps assets demo compare study curve pipeline status test test-unit bench mlflow-ui slurm-up slurm-down \
-        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate clean
+        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate export-exits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
@@ -49,6 +49,7 @@ help:
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=1] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
+	@echo "make export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - each exit as a standalone HF checkpoint"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
 	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
@@ -99,6 +100,10 @@ demo: assets
 # only what is missing (RUN/baselines/ce), evaluate scores everything side by side.
 compare: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1 ARGS="train.baselines=[tuned_lens,ce] $(ARGS)"
+
+# After train-exits (and evaluate, for the model cards' figures): RUN/export/exit-K, plain HF checkpoints.
+export-exits: assets
+	$(PY) stages/export_exits.py --config $(CONFIG) $(ARGS)
 
 # The reference learning curve (bench/learning_curve.py): the demo's recipe on 10x its tokens, its
 # snapshots scored by the evaluate stage; hours on 2 cores, resumable.

@@ -27,7 +27,6 @@ setup(
         "matplotlib>=3.7,<4",
         "lm-eval>=0.4.13,<0.5",
     ],
-    entry_points={"console_scripts": ["balcony-lm-eval=pipeline.lm_eval_adapter:main"]},
     extras_require={
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3"],
     },

@@ -54,10 +54,11 @@ INITS = ("last_layer", "next_layer")
 
 
 class Exit(nn.Module):
-    def __init__(self, layer: nn.Module, norm: nn.Module, layer_type: str):
+    def __init__(self, layer: nn.Module, norm: nn.Module, source: int, layer_type: str):
         super().__init__()
         self.layer, self.norm = layer, norm
-        self.layer_type = layer_type  # the attention type (full, sliding, ...) of the layer it was copied from
+        self.source = source  # the backbone layer it was copied from: its per-layer settings are the exit's
+        self.layer_type = layer_type  # that layer's attention type (full, sliding, ...)
 
 
 class AffineTranslator(nn.Module):
@@ -78,15 +79,26 @@ def make_exit(decoder: Decoder, depth: int, kind: str, init: str) -> Exit:
     if kind == "tuned_lens":
         norm = copy.deepcopy(decoder.norm).requires_grad_(False)  # the lens reads through the model's own norm
         translator = AffineTranslator(decoder.config.hidden_size).to(decoder.norm.weight.dtype)
-        return Exit(translator.requires_grad_(True), norm, decoder.types[source])
+        return Exit(translator.requires_grad_(True), norm, source, decoder.types[source])
     if init == "next_layer":
         norm = decoder.norm
     else:
         norm = getattr(decoder.layers[depth], "input_layernorm", None)
         if norm is None:  # e.g. OLMo 2's layers norm after attention, not before: start from the final norm
             norm = decoder.norm
-    exit_ = Exit(copy.deepcopy(decoder.layers[source]), copy.deepcopy(norm), decoder.types[source])
+    exit_ = Exit(copy.deepcopy(decoder.layers[source]), copy.deepcopy(norm), source, decoder.types[source])
     return exit_.requires_grad_(True)
+
+
+def read_exits_config(exits_dir: Path) -> dict:
+    """balcony_config.json of exported exits (depths, kind, backbone fingerprint, training), checked."""
+    path = Path(exits_dir) / CONFIG
+    if not path.exists():
+        raise InputError(f"{path} not found: run the train-exits stage first")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta
 
 
 class BalconyModel(nn.Module):
@@ -166,7 +178,7 @@ class BalconyModel(nn.Module):
         if str(depth) not in self.exits:
             raise ValueError(f"no exit at depth {depth}; exits: {self.depths}")
         exit_ = self.exits[str(depth)]
-        return self.decoder.with_top(depth, exit_.layer, exit_.norm, exit_.layer_type)
+        return self.decoder.with_top(depth, exit_.layer, exit_.norm, exit_.source)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, exit: int | None = None, budget: float | None = None, **kwargs):
@@ -201,11 +213,7 @@ class BalconyModel(nn.Module):
         from safetensors.torch import load_file
 
         exits_dir = Path(exits_dir)
-        if not (exits_dir / CONFIG).exists():
-            raise InputError(f"{exits_dir / CONFIG} not found: run the train-exits stage first")
-        meta = json.loads((exits_dir / CONFIG).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{exits_dir / CONFIG}: format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        meta = read_exits_config(exits_dir)
         if backbone_fingerprint is not None and meta["backbone_fingerprint"] != backbone_fingerprint:
             raise InputError(f"{exits_dir / CONFIG}: backbone_fingerprint is {meta['backbone_fingerprint']!r}, "
                              f"this backbone's is {backbone_fingerprint!r}")

@@ -239,7 +239,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=list)
     """Exported folders (a tuned lens, CE exits) scored beside the exits."""
     speed: bool = True
-    """Measure decode latency and self-speculative decoding; false: quality only."""
+    """Measure decode latency, self-speculative decoding and HF assisted generation; false: quality only."""
     data: list[str] = field(default_factory=list)
     """More data to score quality on: a tokenize output folder (its held-out split) or text files
     (.jsonl/.json/.txt/.parquet, globs)."""
@@ -254,7 +254,13 @@ class EvalConfig:
     repeats: int = _num(3, gt=0)
     """Timings per measurement (the median is kept)."""
     draft_tokens: int = _num(4, gt=0)
-    """Self-speculative decoding: tokens an exit drafts per round."""
+    """Self-speculative decoding and HF assisted generation: tokens an exit drafts per round."""
+
+
+@dataclass
+class ExportConfig:
+    depths: list[int] = field(default_factory=list)
+    """Exits that export-exits writes as standalone HF checkpoints (RUN/export/exit-K); empty: every exit."""
 
 
 @dataclass
@@ -266,6 +272,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:

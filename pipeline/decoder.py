@@ -160,13 +160,17 @@ class Decoder:
                          **({"cache": cache, "use_cache": True} if cache is not None else {})}
         return out
 
-    def with_top(self, depth: int, layer: nn.Module, norm: nn.Module, layer_type: str):
-        """An HF causal LM of the same class running layers[:depth], then `layer` (of `layer_type`,
+    def with_top(self, depth: int, layer: nn.Module, norm: nn.Module, source: int):
+        """An HF causal LM of the same class running layers[:depth], then `layer` (a copy of layers[source],
         as layer `depth`) and `norm` as its final norm; every weight shared, nothing copied. HF's own
-        forward and generate() then run it: KV cache, sampling, padding, softcapping."""
+        forward and generate() then run it: KV cache, sampling, padding, softcapping. Its config has
+        depth + 1 layers and every per-layer setting (layer_types, SmolLM3's no_rope_layers, ...) cut
+        to match, the last one from `source`: saved, it is a checkpoint plain transformers loads."""
         config = copy.deepcopy(self.config)
         config.num_hidden_layers = depth + 1
-        config.layer_types = self.types[:depth] + [layer_type]
+        for key, value in vars(self.config).items():
+            if isinstance(value, list) and len(value) == self.num_layers:
+                setattr(config, key, [*value[:depth], value[source]])
         inner = copy.copy(self.inner)
         inner._modules = dict(inner._modules)
         inner.layers = nn.ModuleList([*self.layers[:depth], layer])

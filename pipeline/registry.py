@@ -29,3 +29,5 @@ TEACHER_LOGITS = Stage("teacher-logits", "teacher_logits.py", "teacher", f"teach
 TRAIN_EXITS = Stage("train-exits", "train_exits.py", "exits", "exits/balcony_config.json", "train-exits")
 EVALUATE = Stage("evaluate", "evaluate_exits.py", "eval", "eval/metrics.json", "evaluate")
 STAGES = {stage.name: stage for stage in (TOKENIZE, TEACHER_LOGITS, TRAIN_EXITS, EVALUATE)}  # in pipeline order
+# After the chain, on request (`make export-exits`): every exit as a standalone HF checkpoint.
+EXPORT_EXITS = Stage("export-exits", "export_exits.py", "export", "export", "export-exits")

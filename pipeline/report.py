@@ -13,17 +13,18 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
     lens = {r["depth"]: r for r in rows if r["kind"] == "logit_lens"}
     head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement", "logit lens here: KL, top-1"]
     if batches:
-        head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)"]
+        head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)",
+                                                       "HF assisted, exit as draft model (acceptance, speedup)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         base = lens.get(row["depth"]) if row["kind"] == "balcony" else None
         cells = [row["name"], f"{row['relative_cost']:.3f}", f"{row['perplexity']:.2f}", f"{row['kl_to_full']:.4f}",
                  f"{row['top1_agreement']:.3f}", f"{base['kl_to_full']:.4f}, {base['top1_agreement']:.3f}" if base else "-"]
         if batches:
-            spec = row.get("speculative")
             cells += [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
-            cells += [f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-",
-                      f"{spec['acceptance_rate']:.2f}, {spec['speedup']:.2f}x" if spec else "-"]
+            cells += [f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"]
+            cells += [f"{row[key]['acceptance_rate']:.2f}, {row[key]['speedup']:.2f}x" if key in row else "-"
+                      for key in ("speculative", "assisted")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

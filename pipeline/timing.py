@@ -1,7 +1,10 @@
 """Speed of an exit against full depth, measured: decode latency through HF generate() on the
-exit's view, and self-speculative greedy decoding against plain greedy decoding."""
+exit's view; self-speculative greedy decoding (ours: one KV cache, the verifier runs only the layers
+after the exit) and transformers' assisted generation with the exit as a separate draft model (what
+an exported exit is) against plain greedy decoding."""
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -27,27 +30,59 @@ def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor,
     return max(full - first, 1e-9) / (new_tokens - 1)
 
 
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _greedy(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    eos = model.backbone.config.eos_token_id
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=eos, **kwargs)
+
+
 def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
                         repeats: int) -> dict[str, float]:
     """Self-speculative greedy decoding with exit `depth` vs plain greedy full-depth decoding."""
     from pipeline.speculative import speculative_generate
 
-    eos = model.backbone.config.eos_token_id
     stats = {}
 
     def speculative():
+        eos = model.backbone.config.eos_token_id
         stats["last"] = speculative_generate(model, prompt, depth, new_tokens, draft_tokens, eos)[1]
 
-    def greedy():
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=eos)
-
-    def seconds(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    speculative(), greedy()  # warm-up
-    spec = statistics.median(seconds(speculative) for _ in range(repeats))
-    full = statistics.median(seconds(greedy) for _ in range(repeats))
+    spec = _median_seconds(speculative, repeats)
+    full = _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
     return {"acceptance_rate": stats["last"].acceptance_rate, "speedup": full / spec, "draft_tokens": draft_tokens}
+
+
+def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
+                     repeats: int) -> dict[str, float]:
+    """transformers' assisted generation with exit `depth` as `assistant_model` (drafts of a fixed
+    `draft_tokens`) vs plain greedy full-depth decoding. The draft keeps its own KV cache and the
+    verifier runs every layer, as with an exported exit in any draft-model engine. Acceptance:
+    tokens accepted per token drafted, from the verifier's forward count (each one adds the accepted
+    drafts and one token of its own)."""
+    draft = model.view(depth)
+    draft.generation_config = copy.deepcopy(draft.generation_config)  # the view shares the backbone's
+    draft.generation_config.update(num_assistant_tokens=draft_tokens, num_assistant_tokens_schedule="constant",
+                                   assistant_confidence_threshold=0.0)
+    verifications = []  # layers[depth] runs in the full model only: one call per verification
+    hook = model.decoder.layers[depth].register_forward_hook(lambda *_: verifications.append(1))
+    try:
+        out = _greedy(model, prompt, new_tokens, assistant_model=draft)
+        generated, rounds = out.shape[1] - prompt.shape[1], len(verifications)
+        assisted = _median_seconds(lambda: _greedy(model, prompt, new_tokens, assistant_model=draft), repeats)
+    finally:
+        hook.remove()
+    full = _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
+    return {"acceptance_rate": (generated - rounds) / (rounds * draft_tokens), "speedup": full / assisted,
+            "draft_tokens": draft_tokens}

@@ -24,7 +24,7 @@ from pipeline.sources import stream_documents
 from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, score_batch, variants_of
 from pipeline.report import markdown_table, plot
-from pipeline.timing import decode_latency, speculative_speedup
+from pipeline.timing import assisted_speedup, decode_latency, speculative_speedup
 from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage
@@ -150,8 +150,11 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
             if row["kind"] == "balcony" and cfg.eval.speed:
                 row["speculative"] = speculative_speedup(model, depth, prompt, cfg.eval.new_tokens,
                                                          cfg.eval.draft_tokens, cfg.eval.repeats)
-                print(f"{STAGE.name}: self-speculative with exit@{depth}: acceptance {row['speculative']['acceptance_rate']:.2f}, "
-                      f"speedup {row['speculative']['speedup']:.2f}x over greedy full-depth decoding")
+                row["assisted"] = assisted_speedup(model, depth, prompt, cfg.eval.new_tokens, cfg.eval.draft_tokens,
+                                                   cfg.eval.repeats)
+                for key, what in (("speculative", "self-speculative"), ("assisted", "HF assisted generation")):
+                    print(f"{STAGE.name}: {what} with exit@{depth}: acceptance {row[key]['acceptance_rate']:.2f}, "
+                          f"speedup {row[key]['speedup']:.2f}x over greedy full-depth decoding")
         metrics = {"format_version": FORMAT_VERSION, **header, "num_layers": model.num_layers,
                    "depths": model.depths, "heldout_sequences": len(sequences), "heldout_tokens": sequences.numel(),
                    "device": device.type, "rows": rows, "other_data": other_data}
@@ -187,9 +190,10 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
         for batch, value in row.get("speedup", {}).items():
             out[f"{prefix}_speedup_b{batch}"] = value
             out[f"{prefix}_latency_ms_b{batch}"] = row["latency_ms"][batch]
-        if "speculative" in row:
-            out[f"{prefix}_spec_acceptance"] = row["speculative"]["acceptance_rate"]
-            out[f"{prefix}_spec_speedup"] = row["speculative"]["speedup"]
+        for key, short in (("speculative", "spec"), ("assisted", "assisted")):
+            if key in row:
+                out[f"{prefix}_{short}_acceptance"] = row[key]["acceptance_rate"]
+                out[f"{prefix}_{short}_speedup"] = row[key]["speedup"]
     return out
 
 

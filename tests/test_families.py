@@ -83,6 +83,34 @@ def test_exit_view_and_cached_generate_equal_the_exits_forward(family, init):
         assert torch.equal(cached, by_hand), (name, init, depth)
 
 
+@pytest.mark.parametrize("init", ["last_layer", "next_layer"])
+def test_exported_exit_loads_in_plain_transformers_with_the_exits_logits(family, init, tmp_path):
+    """An exit exported as a standalone checkpoint (num_hidden_layers and layer_types cut to k+1) is
+    loaded by AutoModelForCausalLM, with no code of ours, as a model whose logits are the exit's."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export import export_exit
+
+    name, lm = family
+    model = BalconyModel(lm, DEPTHS, init=init)
+    perturb_exits(model)
+    ids = _ids(lm)
+    with torch.no_grad():
+        exits, _ = model(ids)
+        for depth in DEPTHS:
+            folder = export_exit(model, depth, tmp_path / f"exit-{depth}", _NoTokenizer(), name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+            assert type(loaded) is type(lm) and loaded.config.num_hidden_layers == depth + 1
+            assert _close(loaded(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
+
+
+class _NoTokenizer:
+    """The tiny families have no tokenizer to ship with an export."""
+
+    def save_pretrained(self, folder):
+        pass
+
+
 def test_self_speculative_decoding_equals_greedy_full_decoding(family):
     name, lm = family
     model = BalconyModel(lm, DEPTHS)

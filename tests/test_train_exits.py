@@ -151,7 +151,8 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zer
     exit1, tuned1 = metrics["rows"][1], metrics["rows"][5]
     assert exit1["relative_cost"] == pytest.approx(2 / 3) and set(exit1["speedup"]) == {"1", "2"}
     assert exit1["ideal_speedup"] == pytest.approx(1.5) and exit1["kl_to_full"] > 0
-    assert 0 <= exit1["speculative"]["acceptance_rate"] <= 1 and exit1["speculative"]["speedup"] > 0
+    for key in ("speculative", "assisted"):
+        assert 0 <= exit1[key]["acceptance_rate"] <= 1 and exit1[key]["speedup"] > 0
     assert tuned1["relative_cost"] == pytest.approx(1 / 3) and "speedup" not in tuned1
     [other] = metrics["other_data"]
     assert other["data"] == str(ood) and other["tokens"] == 256 and [r["name"] for r in other["rows"]] == names
@@ -165,6 +166,18 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zer
     assert "scoring again" in rescored and not json.loads((out / "metrics.json").read_text())["other_data"]
     proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
     assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone
+
+
+def test_export_stage_writes_each_exit_with_its_evaluation_in_the_card(prepared, zero2):
+    folder, config = prepared
+    run_stage("evaluate_exits.py", "--config", config, "eval.speed=false", "eval.max_sequences=4")
+    out = run_stage("export_exits.py", "--config", config).stdout
+    rows = {r["name"]: r for r in json.loads((folder / "run" / "eval" / "metrics.json").read_text())["rows"]}
+    for depth in (1, 2):
+        card = (folder / "run" / "export" / f"exit-{depth}" / "README.md").read_text()
+        assert f"exit {depth} -> " in out and f"| this exit | {rows[f'exit@{depth}']['perplexity']:.2f} |" in card
+    proc = run_stage("export_exits.py", "--config", config, "export.depths=[5]", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: export.depths: no exit at depth 5")
 
 
 def test_one_process_per_srun_task(prepared, tmp_path, tracking_uri):

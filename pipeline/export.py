@@ -1,0 +1,88 @@
+"""Every exit as a standalone Hugging Face checkpoint.
+
+A Balcony exit at depth k is an ordinary model of the backbone's own class: layers[:k], the exit's
+layer as layer k, the exit's norm as the final norm, and the shared head — a checkpoint of k+1
+layers (`num_hidden_layers` and `layer_types` cut to match) that transformers'
+`AutoModelForCausalLM`, lm-evaluation-harness (`--model hf`), serving engines and assisted
+generation (`assistant_model=`) load with no code of ours. Its logits are `BalconyModel.view(k)`'s.
+
+A folder holds config.json, generation_config.json, model.safetensors, the tokenizer and a model
+card (README.md) with the backbone, depth, relative cost, training tokens and, when the run's
+evaluation scored these very exits, its figures. It is written under a temporary name and renamed
+into place, and the same exits give the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.balcony import BalconyModel
+from pipeline.errors import InputError
+
+
+def exit_folder(out: Path, depth: int) -> Path:
+    return Path(out) / f"exit-{depth}"
+
+
+def model_card(model: BalconyModel, depth: int, backbone: str, scores: dict | None) -> str:
+    """README.md of one exported exit: what it is, what it costs, how it was trained and scored."""
+    meta, layers = model.meta, model.num_layers
+    trained = (f"{meta['tokens']:,} tokens ({meta['steps']:,} steps), objective `{meta.get('objective', 'kl')}`"
+               if "tokens" in meta else f"objective `{meta.get('objective', 'kl')}` (token count not recorded)")
+    lines = [
+        "---", "tags: [balcony, early-exit, self-distillation]", f"base_model: {backbone}", "---", "",
+        f"# Balcony exit at depth {depth} of {backbone}", "",
+        f"Layers 0-{depth - 1} of the frozen backbone `{backbone}`, then a trained exit ({meta.get('exit_layer', 'decoder layer')} "
+        f"+ its own norm, initialised as `{model.init}`), then the backbone's own head: {depth + 1} of {layers + 1} "
+        f"layer computations per token, a relative cost of {(depth + 1) / layers:.3f} against the full model.", "",
+        f"Trained by the Balcony pipeline: {trained}.", "",
+    ]
+    if scores:
+        lines += ["Scored by the run's evaluate stage on its held-out tokens (these exits):", "",
+                  "| model | perplexity | KL to full | top-1 agreement |", "|---|---|---|---|",
+                  f"| full backbone | {scores['full']['perplexity']:.2f} | 0 | 1.000 |",
+                  f"| this exit | {scores['exit']['perplexity']:.2f} | {scores['exit']['kl_to_full']:.4f} | "
+                  f"{scores['exit']['top1_agreement']:.3f} |", ""]
+    else:
+        lines += ["No evaluation of these exits was found in the run (RUN/eval/metrics.json).", ""]
+    lines += ["Load it as any causal LM, or use it as a draft model for the full backbone:", "", "```python",
+              "from transformers import AutoModelForCausalLM",
+              "exit = AutoModelForCausalLM.from_pretrained(FOLDER)",
+              "full.generate(ids, assistant_model=exit, do_sample=False)  # same tokens as greedy `full` alone",
+              "```", "", "`lm_eval --model hf --model_args pretrained=FOLDER --tasks ...` scores it as it is.", ""]
+    return "\n".join(lines)
+
+
+def export_exit(model: BalconyModel, depth: int, folder: Path, tokenizer, backbone: str,
+                scores: dict | None = None) -> Path:
+    """Write exit `depth` of `model` as a standalone HF checkpoint in `folder` (replacing it)."""
+    if model.kind != "balcony":
+        raise InputError(f"export: exits of kind {model.kind!r} are not decoder layers; only Balcony exits "
+                         "make a standalone checkpoint")
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    view = model.view(depth)
+    view.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(model, depth, backbone, scores))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)  # a reader sees the old folder, no folder, or the new one; never a partial one
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def evaluation_scores(metrics_path: Path, exits_sha256: str, depth: int) -> dict | None:
+    """The full model's and exit `depth`'s held-out figures from an evaluate stage's metrics.json,
+    if it scored these exits (same weights file); else None."""
+    if not metrics_path.exists():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("exits_sha256") != exits_sha256:
+        return None
+    rows = {row["name"]: row for row in metrics["rows"]}
+    return {"full": rows["full"], "exit": rows[f"exit@{depth}"]}
