@@ -176,3 +176,20 @@ def stage_module(stage: str):
 def stage_function(stage: str):
     """A stage's body, `run(cfg, task)`."""
     return stage_module(stage).run
+
+
+def perturbed_model(num_layers: int = 6, depths=(2, 4)):
+    """The real backbone cut to `num_layers` with exits at `depths`, moved away from their initial
+    copies (as training would) by a seeded perturbation."""
+    import torch
+
+    from pipeline.backbone import load_backbone
+    from pipeline.balcony import BalconyModel
+    from pipeline.config import ModelConfig
+
+    model = BalconyModel(load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=num_layers)), list(depths))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.exits.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model

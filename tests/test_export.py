@@ -10,24 +10,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.backbone import load_backbone, load_tokenizer
+from pipeline.backbone import load_tokenizer
 from pipeline.balcony import BalconyModel
 from pipeline.config import ModelConfig
 from pipeline.errors import InputError
 from pipeline.export import export_exit, model_card
 
-from conftest import BACKBONE, ROOT, tree_bytes
+from conftest import BACKBONE, ROOT, perturbed_model, tree_bytes
 
 
 @pytest.fixture(scope="module")
 def model(assets):
-    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
-    model = BalconyModel(lm, [2, 4])
-    torch.manual_seed(0)
-    with torch.no_grad():  # move the exits away from their initial copies, as training would
-        for p in model.exits.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturbed_model()
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
     return torch.equal(a, b) if name not in TOLERANCE else torch.allclose(a, b, atol=TOLERANCE[name], rtol=0)
 
 
+class _NoTokenizer:
+    """The tiny families have no tokenizer to ship with an export."""
+
+    def save_pretrained(self, folder):
+        pass
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def family(request):
     return request.param, tiny(request.param)
@@ -61,32 +68,11 @@ def test_next_layer_exit_starts_as_the_models_own_layer(family):
 
 
 @pytest.mark.parametrize("init", ["last_layer", "next_layer"])
-def test_exit_view_and_cached_generate_equal_the_exits_forward(family, init):
-    """view(k) is an HF model of k+1 layers: its logits, and generate() with its KV cache, must equal
-    BalconyModel's own forward at exit k (the exit layer gets its source layer's mask and RoPE)."""
-    name, lm = family
-    model = BalconyModel(lm, DEPTHS, init=init)
-    perturb_exits(model)
-    ids = _ids(lm)
-    with torch.no_grad():
-        exits, _ = model(ids)
-        for depth in DEPTHS:
-            assert _close(model.view(depth)(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
-    prompt, steps = _ids(lm, 6, 1), 10  # 6 + 10 tokens: past the 8-token sliding windows
-    for depth in DEPTHS:
-        cached = model.generate(prompt, exit=depth, max_new_tokens=steps, do_sample=False, eos_token_id=None)
-        by_hand = prompt
-        with torch.no_grad():
-            for _ in range(steps):
-                exits, _ = model(by_hand)
-                by_hand = torch.cat([by_hand, model.logits(exits[depth][:, -1]).argmax(-1, keepdim=True)], dim=1)
-        assert torch.equal(cached, by_hand), (name, init, depth)
-
-
-@pytest.mark.parametrize("init", ["last_layer", "next_layer"])
-def test_exported_exit_loads_in_plain_transformers_with_the_exits_logits(family, init, tmp_path):
-    """An exit exported as a standalone checkpoint (num_hidden_layers and layer_types cut to k+1) is
-    loaded by AutoModelForCausalLM, with no code of ours, as a model whose logits are the exit's."""
+def test_exit_view_its_export_and_cached_generate_equal_the_exits_forward(family, init, tmp_path):
+    """view(k) is an HF model of k+1 layers: its logits, those of its export loaded by plain
+    transformers (num_hidden_layers and per-layer settings cut to k+1), and generate() with its KV
+    cache must equal BalconyModel's own forward at exit k (the exit layer gets its source layer's
+    mask and RoPE)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.export import export_exit
@@ -98,17 +84,20 @@ def test_exported_exit_loads_in_plain_transformers_with_the_exits_logits(family,
     with torch.no_grad():
         exits, _ = model(ids)
         for depth in DEPTHS:
+            assert _close(model.view(depth)(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
             folder = export_exit(model, depth, tmp_path / f"exit-{depth}", _NoTokenizer(), name)
             loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
             assert type(loaded) is type(lm) and loaded.config.num_hidden_layers == depth + 1
-            assert _close(loaded(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
-
-
-class _NoTokenizer:
-    """The tiny families have no tokenizer to ship with an export."""
-
-    def save_pretrained(self, folder):
-        pass
+            assert _close(loaded(ids).logits, model.logits(exits[depth]), name), (name, init, depth, "export")
+    prompt, steps = _ids(lm, 6, 1), 10  # 6 + 10 tokens: past the 8-token sliding windows
+    for depth in DEPTHS:
+        cached = model.generate(prompt, exit=depth, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+        by_hand = prompt
+        with torch.no_grad():
+            for _ in range(steps):
+                exits, _ = model(by_hand)
+                by_hand = torch.cat([by_hand, model.logits(exits[depth][:, -1]).argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(cached, by_hand), (name, init, depth)
 
 
 def test_self_speculative_decoding_equals_greedy_full_decoding(family):

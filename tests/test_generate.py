@@ -6,18 +6,12 @@ from pipeline.backbone import load_backbone, load_tokenizer
 from pipeline.balcony import BalconyModel
 from pipeline.config import ModelConfig
 
-from conftest import BACKBONE
+from conftest import BACKBONE, perturbed_model
 
 
 @pytest.fixture(scope="module")
 def model(assets):
-    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
-    model = BalconyModel(lm, [2, 4])
-    torch.manual_seed(0)
-    with torch.no_grad():  # move the exits away from their initial copies, as training would
-        for p in model.exits.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturbed_model()
 
 
 @pytest.fixture(scope="module")
