@@ -33,7 +33,7 @@ MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
 .PHONY: help setup system-deps assets demo compare study curve pipeline status test test-unit bench mlflow-ui slurm-up slurm-down \
-        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate export-exits clean
+        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
@@ -49,7 +49,7 @@ help:
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=1] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
-	@echo "make export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - each exit as a standalone HF checkpoint"
+	@echo "make stage-export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - exits as standalone HF checkpoints"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
 	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
@@ -73,7 +73,7 @@ assets: setup
 	$(PY) -m embedded.assets --root $(ASSETS)
 
 # In place, or submitted to SLURM with CLUSTER=slurm (stages/run_pipeline.py holds both ways).
-stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate: stage-%: assets
+stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate stage-export-exits: stage-%: assets
 	$(LAUNCH) --stages $* --nproc $(NPROC) $(ARGS)
 
 # train-exits in place: one process per GPU, or NPROC gloo ranks sharing the CPU cores on CPU.
@@ -100,10 +100,6 @@ demo: assets
 # only what is missing (RUN/baselines/ce), evaluate scores everything side by side.
 compare: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1 ARGS="train.baselines=[tuned_lens,ce] $(ARGS)"
-
-# After train-exits (and evaluate, for the model cards' figures): RUN/export/exit-K, plain HF checkpoints.
-export-exits: assets
-	$(PY) stages/export_exits.py --config $(CONFIG) $(ARGS)
 
 # The reference learning curve (bench/learning_curve.py): the demo's recipe on 10x its tokens, its
 # snapshots scored by the evaluate stage; hours on 2 cores, resumable.

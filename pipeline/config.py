@@ -261,6 +261,8 @@ class EvalConfig:
 class ExportConfig:
     depths: list[int] = field(default_factory=list)
     """Exits that export-exits writes as standalone HF checkpoints (RUN/export/exit-K); empty: every exit."""
+    after_evaluate: bool = False
+    """Run export-exits as the chain's last stage (make pipeline, in place or on SLURM); else on request."""
 
 
 @dataclass

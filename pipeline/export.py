@@ -22,10 +22,6 @@ from pipeline.balcony import BalconyModel
 from pipeline.errors import InputError
 
 
-def exit_folder(out: Path, depth: int) -> Path:
-    return Path(out) / f"exit-{depth}"
-
-
 def model_card(model: BalconyModel, depth: int, backbone: str, scores: dict | None) -> str:
     """README.md of one exported exit: what it is, what it costs, how it was trained and scored."""
     meta, layers = model.meta, model.num_layers

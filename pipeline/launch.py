@@ -21,10 +21,16 @@ from pipeline.corpus import plan_shards
 from pipeline.distributed import free_port
 from pipeline.errors import PipelineError
 from pipeline.shards import atomic_write, completed_record
-from pipeline.registry import STAGES, TRAIN_EXITS
+from pipeline.registry import EXPORT_EXITS, STAGES, TRAIN_EXITS, export_folder
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def chain(cfg: Config) -> list[str]:
+    """The recipe's whole chain, in order: every stage, export-exits only with export.after_evaluate
+    (else it runs on request: `make stage-export-exits`)."""
+    return [name for name in STAGES if name != EXPORT_EXITS.name or cfg.export.after_evaluate]
 
 
 def needed(cfg: Config, stage: str) -> bool:
@@ -41,6 +47,8 @@ def is_done(cfg: Config, stage: str) -> bool:
     if stage == "train-exits":
         marker = Path(TRAIN_EXITS.done).name  # in RUN/exits and in each RUN/baselines/NAME
         return all((folder / marker).exists() for _, _, folder in cfg.exit_runs())
+    if stage == EXPORT_EXITS.name:  # a folder per exported exit, each renamed into place when complete
+        return all(export_folder(cfg, d).exists() for d in cfg.export.depths or cfg.exits.depths)
     return (cfg.run_dir / STAGES[stage].done).exists()
 
 
@@ -67,7 +75,7 @@ def open_parent(cfg: Config) -> None:
 
 
 def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[str], nproc: int) -> None:
-    if stages == list(STAGES):
+    if stages == chain(cfg):
         open_parent(cfg)
     for i, stage in enumerate(stages, 1):
         banner(f"[{i}/{len(stages)}] {stage}")
@@ -135,7 +143,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     """Submit the stages that are not complete, each `afterok` on the previous one submitted."""
     logs = cfg.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    whole_chain = stages == list(STAGES)
+    whole_chain = stages == chain(cfg)
     for stage in stages:
         if is_done(cfg, stage):
             print(f"pipeline: {stage} is complete ({cfg.run_dir / STAGES[stage].done}); not submitted")

@@ -28,6 +28,11 @@ TOKENIZE = Stage("tokenize", "tokenize_corpus.py", "tokens", f"tokens/{MANIFEST}
 TEACHER_LOGITS = Stage("teacher-logits", "teacher_logits.py", "teacher", f"teacher/{MANIFEST}", "teacher")
 TRAIN_EXITS = Stage("train-exits", "train_exits.py", "exits", "exits/balcony_config.json", "train-exits")
 EVALUATE = Stage("evaluate", "evaluate_exits.py", "eval", "eval/metrics.json", "evaluate")
-STAGES = {stage.name: stage for stage in (TOKENIZE, TEACHER_LOGITS, TRAIN_EXITS, EVALUATE)}  # in pipeline order
-# After the chain, on request (`make export-exits`): every exit as a standalone HF checkpoint.
+# every exit as a standalone HF checkpoint: on request, or last in the chain with export.after_evaluate
 EXPORT_EXITS = Stage("export-exits", "export_exits.py", "export", "export", "export-exits")
+STAGES = {stage.name: stage for stage in (TOKENIZE, TEACHER_LOGITS, TRAIN_EXITS, EVALUATE, EXPORT_EXITS)}  # in order
+
+
+def export_folder(cfg, depth: int) -> Path:
+    """RUN/export/exit-K: exit K as a standalone HF checkpoint."""
+    return EXPORT_EXITS.dir(cfg) / f"exit-{depth}"

@@ -1,6 +1,7 @@
 """export-exits: each exit of RUN/exits as a standalone Hugging Face checkpoint -> RUN/export/exit-K/.
 
     python stages/export_exits.py --config configs/demo.yaml [export.depths=[17]]
+    make stage-export-exits CONFIG=...; or last in `make pipeline` with export.after_evaluate=true
 
 Exit k becomes a checkpoint of the backbone's own class with k+1 layers (pipeline/export.py) that
 plain transformers, `lm_eval --model hf` and assisted generation load as they are. Each folder is
@@ -8,12 +9,14 @@ written under a temporary name and renamed into place; a rerun writes the same b
 """
 from __future__ import annotations
 
+import torch
+
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer
 from pipeline.balcony import WEIGHTS, BalconyModel, read_exits_config
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.export import evaluation_scores, exit_folder, export_exit
-from pipeline.registry import EVALUATE, EXPORT_EXITS, TRAIN_EXITS
+from pipeline.export import evaluation_scores, export_exit
+from pipeline.registry import EVALUATE, EXPORT_EXITS, TRAIN_EXITS, export_folder
 from pipeline.shards import file_sha256
 from pipeline.stage import run_stage
 
@@ -27,12 +30,13 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     missing = [d for d in depths if d not in available]
     if missing:
         raise ConfigError(f"export.depths: no exit at depth {missing[0]} in {exits_dir} (exits: {available})")
-    lm = load_backbone(cfg.model)  # on the CPU: writing weights needs no accelerator
-    model = BalconyModel.from_pretrained(lm, exits_dir, backbone_fingerprint(cfg.model, lm)).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # and its dtype: model.dtype auto
+    lm = load_backbone(cfg.model, device)
+    model = BalconyModel.from_pretrained(lm, exits_dir, backbone_fingerprint(cfg.model, lm)).to(device).eval()
     tokenizer, exits_sha256 = load_tokenizer(cfg.model), file_sha256(exits_dir / WEIGHTS)
     for depth in depths:
         scores = evaluation_scores(EVALUATE.dir(cfg) / "metrics.json", exits_sha256, depth)
-        folder = export_exit(model, depth, exit_folder(STAGE.dir(cfg), depth), tokenizer, cfg.model.backbone, scores)
+        folder = export_exit(model, depth, export_folder(cfg, depth), tokenizer, cfg.model.backbone, scores)
         print(f"{STAGE.name}: exit {depth} -> {folder} ({depth + 1} layers; AutoModelForCausalLM.from_pretrained loads it)")
 
 

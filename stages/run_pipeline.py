@@ -22,8 +22,9 @@ from pipeline.tracking import fail_pipeline
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="YAML recipe, e.g. configs/demo.yaml")
-    parser.add_argument("--stages", default=",".join(launch.STAGES),
-                        help=f"comma-separated subset of {','.join(launch.STAGES)} (default: all, in order)")
+    parser.add_argument("--stages", default="",
+                        help=f"comma-separated subset of {','.join(launch.STAGES)} (default: the whole chain, in "
+                             "order; export-exits only with export.after_evaluate)")
     parser.add_argument("--cluster", type=Path, help="site settings (configs/cluster/*.yaml): submit to SLURM")
     parser.add_argument("--nproc", type=int, default=2, help="in place: train-exits processes (GPUs, or CPU ranks)")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait for the jobs and fail if one fails")
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] or launch.chain(cfg)
         unknown = [s for s in stages if s not in launch.STAGES]
         if unknown:
             raise PipelineError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(launch.STAGES)})")

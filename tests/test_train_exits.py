@@ -170,8 +170,10 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zer
 
 def test_export_stage_writes_each_exit_with_its_evaluation_in_the_card(prepared, zero2):
     folder, config = prepared
-    run_stage("evaluate_exits.py", "--config", config, "eval.speed=false", "eval.max_sequences=4")
-    out = run_stage("export_exits.py", "--config", config).stdout
+    # the whole chain with export.after_evaluate: the finished stages are no-ops, export-exits runs last
+    out = run_stage("run_pipeline.py", "--config", config, "--nproc", "1", "eval.speed=false", "eval.max_sequences=4",
+                    "export.after_evaluate=true").stdout
+    assert "[5/5] export-exits" in out
     rows = {r["name"]: r for r in json.loads((folder / "run" / "eval" / "metrics.json").read_text())["rows"]}
     for depth in (1, 2):
         card = (folder / "run" / "export" / f"exit-{depth}" / "README.md").read_text()
