@@ -35,9 +35,11 @@ TOKENS_PER_STEP = 512  # configs/demo.yaml's train.tokens_per_step: one step is 
 SCALE = 10
 STEPS = [16, 32, 64, 128, 256, 512, 1024, 2048]  # snapshots; the last point is the final export (2,560 steps)
 DATA = [f"data.budget_tokens={SCALE * DEMO_TOKENS}"]
-# each point's evaluation: quality on the held-out tokens and the demo's out-of-domain set, and speed
-# with one batch size over 128 new tokens (4x the demo's, for a steadier acceptance rate)
-EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=128", "eval.repeats=1"]
+# each point's evaluation: quality on the held-out tokens and the demo's out-of-domain set; from the
+# demo's budget on (the points the trends are fitted to), also speed with one batch size over 64 new
+# tokens (2x the demo's, for a steadier acceptance rate): decode latency, self-speculative decoding
+# and HF assisted generation per exit (speed is most of a point's ~7 minutes on 2 cores)
+EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=64", "eval.repeats=1"]
 
 
 def run(argv: list[str], log: Path) -> None:
@@ -71,7 +73,8 @@ def score_point(base: Path, step: int, final_step: int) -> dict | None:
         (point / name).parent.mkdir(parents=True, exist_ok=True)
         if not (point / name).is_symlink():
             (point / name).symlink_to(target.resolve())
-    overrides = [f"run.dir={point}", *DATA, *EVAL, f"train.baselines=[{'tuned_lens' if tuned else ''}]"]
+    speed = f"eval.speed={str(step * TOKENS_PER_STEP >= DEMO_TOKENS).lower()}"
+    overrides = [f"run.dir={point}", *DATA, *EVAL, speed, f"train.baselines=[{'tuned_lens' if tuned else ''}]"]
     evaluate = stage_command("evaluate_exits.py", 1, overrides, CONFIG)
     run(evaluate, point / "eval.log")  # a no-op when scored with the same inputs
     metrics = json.loads((point / "eval" / "metrics.json").read_text())
@@ -113,22 +116,26 @@ def trends(points: list[dict]) -> list[dict]:
 
 
 def table(points: list[dict], fits: list[dict]) -> str:
-    lines = ["| tokens | steps | KL per exit | top-1 per exit | perplexity per exit | spec. acceptance | spec. speedup | "
-             "tuned lens KL | out-of-domain KL |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | steps | KL per exit | top-1 per exit | perplexity per exit | self-spec. acceptance | "
+             "self-spec. speedup | HF assisted acceptance | HF assisted speedup | tuned lens KL | out-of-domain KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def speed(exits: list[dict], key: str, field: str, suffix: str = "") -> str:
+        return " / ".join(format(r[key][field], ".2f") + suffix for r in exits if key in r)
+
     for p in points:
         exits, tuned = kinds(p, "balcony"), kinds(p, "tuned_lens")
-        spec = [r["speculative"] for r in exits if "speculative" in r]
         ood = [r for r in p["other_data"][0]["rows"] if r["kind"] == "balcony"] if p["other_data"] else []
         lines.append(
             f"| {p['tokens']:,} | {p['step']} | {per_exit(exits, 'kl_to_full', '.2f')} | "
             f"{per_exit(exits, 'top1_agreement', '.3f')} | {per_exit(exits, 'perplexity', ',.0f')} | "
-            f"{' / '.join(format(s['acceptance_rate'], '.2f') for s in spec)} | "
-            f"{' / '.join(format(s['speedup'], '.2f') + 'x' for s in spec)} | "
+            f"{speed(exits, 'speculative', 'acceptance_rate')} | {speed(exits, 'speculative', 'speedup', 'x')} | "
+            f"{speed(exits, 'assisted', 'acceptance_rate')} | {speed(exits, 'assisted', 'speedup', 'x')} | "
             f"{per_exit(tuned, 'kl_to_full', '.2f') if tuned else ''} | {per_exit(ood, 'kl_to_full', '.2f') if ood else ''} |")
     first = points[0]
     lens, full = kinds(first, "logit_lens"), kinds(first, "full")[0]
     lines.append(f"| logit lens (no training) | 0 | {per_exit(lens, 'kl_to_full', '.2f')} | "
-                 f"{per_exit(lens, 'top1_agreement', '.3f')} | {per_exit(lens, 'perplexity', ',.0f')} | | | | |")
+                 f"{per_exit(lens, 'top1_agreement', '.3f')} | {per_exit(lens, 'perplexity', ',.0f')} | | | | | | |")
     text = "\n".join(lines) + f"\n\nFull model: perplexity {full['perplexity']:.1f} on the same held-out tokens.\n"
     for f in fits:
         text += (f"\nexit {f['depth']}: KL ~ {f['kl_a']:.3g} T^-{f['kl_b']:.3f}"
@@ -161,7 +168,11 @@ def plot(points: list[dict], fits: list[dict], demo: dict | None, path: Path) ->
         spec = [(p["tokens"], kinds(p, "balcony")[i]["speculative"]["speedup"]) for p in points
                 if "speculative" in kinds(p, "balcony")[i]]
         if spec:
-            spec_ax.plot(*zip(*spec), "o-", color=color, label=f"exit {row['depth']}")
+            spec_ax.plot(*zip(*spec), "o-", color=color, label=f"exit {row['depth']}: self-speculative")
+        assisted = [(p["tokens"], kinds(p, "balcony")[i]["assisted"]["speedup"]) for p in points
+                    if "assisted" in kinds(p, "balcony")[i]]
+        if assisted:
+            spec_ax.plot(*zip(*assisted), "^--", color=color, alpha=0.6, label=f"exit {row['depth']}: HF assisted")
     for i, f in enumerate(fits):
         grid = np.geomspace(DEMO_TOKENS, max(tokens) * 10)
         kl_ax.plot(grid, f["kl_a"] * grid ** -f["kl_b"], color=f"C{i}", alpha=0.35)
@@ -171,8 +182,8 @@ def plot(points: list[dict], fits: list[dict], demo: dict | None, path: Path) ->
     kl_ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="held-out KL(full || exit), nats/token",
               title="exits (dotted: logit lens; star: the demo, 1x)")
     spec_ax.axhline(1.0, color="gray", linestyle="--")
-    spec_ax.set(xscale="log", xlabel="training tokens", ylabel="self-speculative speedup (x greedy full depth)",
-                title="self-speculative decoding with each exit")
+    spec_ax.set(xscale="log", xlabel="training tokens", ylabel="speedup over greedy full-depth decoding",
+                title="speculative decoding with each exit as the draft")
     for ax in (kl_ax, spec_ax):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")

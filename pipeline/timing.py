@@ -48,9 +48,15 @@ def _greedy(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs
                           do_sample=False, pad_token_id=eos, **kwargs)
 
 
+def greedy_seconds(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Plain greedy full-depth decoding of `new_tokens`: what both speculative decoders are measured against."""
+    return _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
+
+
 def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
-                        repeats: int) -> dict[str, float]:
-    """Self-speculative greedy decoding with exit `depth` vs plain greedy full-depth decoding."""
+                        repeats: int, full_seconds: float) -> dict[str, float]:
+    """Self-speculative greedy decoding with exit `depth` vs plain greedy full-depth decoding
+    (`full_seconds`, from greedy_seconds on the same prompt)."""
     from pipeline.speculative import speculative_generate
 
     stats = {}
@@ -60,17 +66,16 @@ def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, n
         stats["last"] = speculative_generate(model, prompt, depth, new_tokens, draft_tokens, eos)[1]
 
     spec = _median_seconds(speculative, repeats)
-    full = _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
-    return {"acceptance_rate": stats["last"].acceptance_rate, "speedup": full / spec, "draft_tokens": draft_tokens}
+    return {"acceptance_rate": stats["last"].acceptance_rate, "speedup": full_seconds / spec, "draft_tokens": draft_tokens}
 
 
 def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
-                     repeats: int) -> dict[str, float]:
+                     repeats: int, full_seconds: float) -> dict[str, float]:
     """transformers' assisted generation with exit `depth` as `assistant_model` (drafts of a fixed
-    `draft_tokens`) vs plain greedy full-depth decoding. The draft keeps its own KV cache and the
-    verifier runs every layer, as with an exported exit in any draft-model engine. Acceptance:
-    tokens accepted per token drafted, from the verifier's forward count (each one adds the accepted
-    drafts and one token of its own)."""
+    `draft_tokens`) vs plain greedy full-depth decoding (`full_seconds`). The draft keeps its own KV
+    cache and the verifier runs every layer, as with an exported exit in any draft-model engine.
+    Acceptance: tokens accepted per token drafted, from the verifier's forward count (each one adds
+    the accepted drafts and one token of its own)."""
     draft = model.view(depth)
     draft.generation_config = copy.deepcopy(draft.generation_config)  # the view shares the backbone's
     draft.generation_config.update(num_assistant_tokens=draft_tokens, num_assistant_tokens_schedule="constant",
@@ -83,6 +88,5 @@ def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_
         assisted = _median_seconds(lambda: _greedy(model, prompt, new_tokens, assistant_model=draft), repeats)
     finally:
         hook.remove()
-    full = _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
-    return {"acceptance_rate": (generated - rounds) / (rounds * draft_tokens), "speedup": full / assisted,
+    return {"acceptance_rate": (generated - rounds) / (rounds * draft_tokens), "speedup": full_seconds / assisted,
             "draft_tokens": draft_tokens}

@@ -24,7 +24,7 @@ from pipeline.sources import stream_documents
 from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, score_batch, variants_of
 from pipeline.report import markdown_table, plot
-from pipeline.timing import assisted_speedup, decode_latency, speculative_speedup
+from pipeline.timing import assisted_speedup, decode_latency, greedy_seconds, speculative_speedup
 from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage
@@ -141,6 +141,7 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
                 f"{'full' if d is None else f'exit@{d}'} {latency[(batch_size, d)] * 1e3:.1f} ms/token"
                 for d in [None, *model.depths]))
         prompt = sequences[:1, : cfg.eval.prompt_tokens].to(device)
+        full_seconds = greedy_seconds(model, prompt, cfg.eval.new_tokens, cfg.eval.repeats) if cfg.eval.speed else 0.0
         for row in rows:
             depth = None if row["kind"] == "full" else row["depth"]
             if row["kind"] in ("full", "balcony") and cfg.eval.speed:
@@ -148,10 +149,9 @@ def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], set
                 row["speedup"] = {str(b): latency[(b, None)] / latency[(b, depth)] for b in batches}
                 row["ideal_speedup"] = 1 / row["relative_cost"]
             if row["kind"] == "balcony" and cfg.eval.speed:
-                row["speculative"] = speculative_speedup(model, depth, prompt, cfg.eval.new_tokens,
-                                                         cfg.eval.draft_tokens, cfg.eval.repeats)
-                row["assisted"] = assisted_speedup(model, depth, prompt, cfg.eval.new_tokens, cfg.eval.draft_tokens,
-                                                   cfg.eval.repeats)
+                for key, measure_speedup in (("speculative", speculative_speedup), ("assisted", assisted_speedup)):
+                    row[key] = measure_speedup(model, depth, prompt, cfg.eval.new_tokens, cfg.eval.draft_tokens,
+                                               cfg.eval.repeats, full_seconds)
                 for key, what in (("speculative", "self-speculative"), ("assisted", "HF assisted generation")):
                     print(f"{STAGE.name}: {what} with exit@{depth}: acceptance {row[key]['acceptance_rate']:.2f}, "
                           f"speedup {row[key]['speedup']:.2f}x over greedy full-depth decoding")

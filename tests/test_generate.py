@@ -80,13 +80,14 @@ def test_assisted_generation_counts_every_draft_accepted_when_the_draft_is_the_f
     """A next_layer exit at L-1 is layers[L-1] + the final norm: the full model itself. As a draft
     model every drafted token is accepted, so the measured acceptance is exactly 1; with a perturbed
     exit it is below 1 (and the output still equals greedy decoding: tests/test_export.py)."""
-    from pipeline.timing import assisted_speedup
+    from pipeline.timing import assisted_speedup, greedy_seconds
 
     lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
     model = BalconyModel(lm, [5], init="next_layer")
-    stats = assisted_speedup(model, 5, prompt, new_tokens=20, draft_tokens=4, repeats=1)
+    full = greedy_seconds(model, prompt, new_tokens=20, repeats=1)
+    stats = assisted_speedup(model, 5, prompt, new_tokens=20, draft_tokens=4, repeats=1, full_seconds=full)
     assert stats["acceptance_rate"] == 1.0 and stats["speedup"] > 0
     with torch.no_grad():
         for p in model.exits.parameters():
             p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(0)) * 0.05)
-    assert assisted_speedup(model, 5, prompt, new_tokens=20, draft_tokens=4, repeats=1)["acceptance_rate"] < 1.0
+    assert assisted_speedup(model, 5, prompt, 20, 4, repeats=1, full_seconds=full)["acceptance_rate"] < 1.0
