@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.evaluation import baseline_kind, score_batch, variants_of
 from pipeline.report import markdown_table, plot
 from pipeline.timing import assisted_speedup, decode_latency, greedy_seconds, speculative_speedup
-from pipeline.shards import MANIFEST, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
+from pipeline.shards import MANIFEST, PARTS, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
@@ -99,10 +99,11 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
               "eval_data_sha256": {name: tensor_sha256(seqs) for name, seqs in sets.items()},
               "backbone_fingerprint": fingerprint, "exits_sha256": file_sha256(exits_dir / WEIGHTS),
               "baselines_sha256": [file_sha256(folder / WEIGHTS) for folder in folders]}
-    written = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else header
+    pinned = out / PARTS / "header.json"  # what the scores there (finished or not: a killed run) are of
+    written = json.loads(pinned.read_text()) if pinned.exists() else header
     if any(written.get(key) != value for key, value in header.items()):
         # scores are derived from the inputs alone and cheap to redo: new inputs replace them
-        print(f"{STAGE.name}: the exits, baselines or data changed since {out / 'metrics.json'} was written; scoring again")
+        print(f"{STAGE.name}: the exits, baselines, data or settings changed since {out} was scored; scoring again")
         shutil.rmtree(out)
     claim_directory(out, header)
     if (out / "metrics.json").exists():

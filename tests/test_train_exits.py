@@ -161,9 +161,11 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(prepared, zer
     assert "| exit@1 |" in table and "| tuned@2 |" in table and "| ce@2 |" in table
     assert f"Quality on {ood} (256 tokens)" in table
     assert "nothing to do" in run_stage("evaluate_exits.py", "--config", config, *overrides).stdout
-    # other inputs: scored again, not refused
+    # other inputs: scored again, not refused; also after a run killed before its metrics were written
     rescored = run_stage("evaluate_exits.py", "--config", config, *overrides[:-2]).stdout
     assert "scoring again" in rescored and not json.loads((out / "metrics.json").read_text())["other_data"]
+    (out / "metrics.json").unlink()
+    assert "scoring again" in run_stage("evaluate_exits.py", "--config", config, *overrides, "eval.speed=false").stdout
     proc = run_stage("evaluate_exits.py", "--config", config, "model.num_layers=4", *overrides, check=False)
     assert proc.returncode == 2 and "backbone_fingerprint is" in proc.stderr  # exits from another backbone
 
