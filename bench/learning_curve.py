@@ -35,11 +35,12 @@ TOKENS_PER_STEP = 512  # configs/demo.yaml's train.tokens_per_step: one step is 
 SCALE = 10
 STEPS = [16, 32, 64, 128, 256, 512, 1024, 2048]  # snapshots; the last point is the final export (2,560 steps)
 DATA = [f"data.budget_tokens={SCALE * DEMO_TOKENS}"]
-# each point's evaluation: quality on the held-out tokens and the demo's out-of-domain set; from the
-# demo's budget on (the points the trends are fitted to), also speed with one batch size over 64 new
-# tokens (2x the demo's, for a steadier acceptance rate): decode latency, self-speculative decoding
-# and HF assisted generation per exit (speed is most of a point's ~7 minutes on 2 cores)
+# each point's evaluation: quality on the held-out tokens and the demo's out-of-domain set; at the
+# demo's budget, twice it and the end (the speed trend's points), also speed with one batch size over
+# 64 new tokens (2x the demo's, for a steadier acceptance rate): decode latency, self-speculative
+# decoding and HF assisted generation per exit (speed makes a point ~9 minutes on 2 cores, not ~3)
 EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=64", "eval.repeats=1"]
+SPEED_STEPS = [DEMO_TOKENS // TOKENS_PER_STEP, 2 * DEMO_TOKENS // TOKENS_PER_STEP, SCALE * DEMO_TOKENS // TOKENS_PER_STEP]
 
 
 def run(argv: list[str], log: Path) -> None:
@@ -73,7 +74,7 @@ def score_point(base: Path, step: int, final_step: int) -> dict | None:
         (point / name).parent.mkdir(parents=True, exist_ok=True)
         if not (point / name).is_symlink():
             (point / name).symlink_to(target.resolve())
-    speed = f"eval.speed={str(step * TOKENS_PER_STEP >= DEMO_TOKENS).lower()}"
+    speed = f"eval.speed={str(step in SPEED_STEPS).lower()}"
     overrides = [f"run.dir={point}", *DATA, *EVAL, speed, f"train.baselines=[{'tuned_lens' if tuned else ''}]"]
     evaluate = stage_command("evaluate_exits.py", 1, overrides, CONFIG)
     run(evaluate, point / "eval.log")  # a no-op when scored with the same inputs
@@ -96,7 +97,8 @@ def power_fit(tokens: list[int], values: list[float]) -> tuple[float, float]:
 def trends(points: list[dict]) -> list[dict]:
     """Per exit, fitted on the points from the demo's budget on (the early points are warm-up):
     KL = a T^-b and the tokens where it reaches 1.5; self-speculative speedup linear in log10 T
-    and the tokens where it reaches 1.0 (where self-speculation starts to pay)."""
+    (on the points that measured it) and the tokens where it reaches 1.0 (where self-speculation
+    starts to pay)."""
     late = [p for p in points if p["tokens"] >= DEMO_TOKENS]
     if len(late) < 3:
         return []
@@ -106,9 +108,10 @@ def trends(points: list[dict]) -> list[dict]:
         kl = [kinds(p, "balcony")[i]["kl_to_full"] for p in late]
         a, b = power_fit(tokens, kl)
         fit = {"depth": row["depth"], "kl_a": a, "kl_b": b, "tokens_to_kl_1.5": (a / 1.5) ** (1 / b) if b > 0 else None}
-        speedups = [kinds(p, "balcony")[i].get("speculative", {}).get("speedup") for p in late]
-        if all(s is not None for s in speedups):
-            slope, intercept = np.polyfit(np.log10(tokens), speedups, 1)
+        timed = [(p["tokens"], kinds(p, "balcony")[i]["speculative"]["speedup"]) for p in late
+                 if "speculative" in kinds(p, "balcony")[i]]
+        if len(timed) >= 3:
+            slope, intercept = np.polyfit(np.log10([t for t, _ in timed]), [s for _, s in timed], 1)
             fit.update(speedup_per_decade=slope, speedup_intercept=intercept,
                        tokens_to_speedup_1=10 ** ((1 - intercept) / slope) if slope > 0 else None)
         out.append(fit)
