@@ -2,9 +2,10 @@
 
 One run of the real stages: tokenize and teacher-logits on 10x the demo's budget (1,310,720 tokens),
 train-exits with `train.snapshots` at log-spaced steps (every snapshot is an export like the final
-one), then the real evaluate stage on each snapshot: held-out KL, top-1, perplexity, self-speculative
-acceptance and speedup per exit, the logit lens, and the tuned lens trained alongside (same tokens,
-same recipe, its own snapshots). Resumable at every level (the stages resume; a scored point is not
+one), then the real evaluate stage on each snapshot: held-out and out-of-domain KL, top-1 and
+perplexity per exit, the logit lens, and the tuned lens trained after the exits (same tokens, same
+recipe, its own snapshots); at SPEED_STEPS also self-speculative decoding and HF assisted generation
+(acceptance, speedup). Resumable at every level (the stages resume; a scored point is not
 scored again), so it can span sessions:
 
     make curve                          # = python bench/learning_curve.py
