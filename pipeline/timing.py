@@ -13,23 +13,6 @@ import torch
 from pipeline.balcony import BalconyModel
 
 
-def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor, new_tokens: int,
-                   repeats: int) -> float:
-    """Seconds per generated token after the prompt: (t(N) - t(1)) / (N - 1), medians, warm-up excluded."""
-    def run(tokens: int) -> float:
-        start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), exit=depth, max_new_tokens=tokens,
-                       min_new_tokens=tokens, do_sample=False, pad_token_id=model.backbone.config.eos_token_id)
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    run(new_tokens)  # warm-up: allocations, kernels
-    full = statistics.median(run(new_tokens) for _ in range(repeats))
-    first = statistics.median(run(1) for _ in range(repeats))
-    return max(full - first, 1e-9) / (new_tokens - 1)
-
-
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, kernels
     times = []
@@ -40,6 +23,17 @@ def _median_seconds(fn, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor, new_tokens: int,
+                   repeats: int) -> float:
+    """Seconds per generated token after the prompt: (t(N) - t(1)) / (N - 1), medians, warm-up excluded."""
+    def run(tokens: int) -> None:
+        _greedy(model, prompt, tokens, exit=depth, min_new_tokens=tokens)
+
+    full = _median_seconds(lambda: run(new_tokens), repeats)
+    first = _median_seconds(lambda: run(1), repeats)
+    return max(full - first, 1e-9) / (new_tokens - 1)
 
 
 def _greedy(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
