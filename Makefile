@@ -33,7 +33,7 @@ MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
 .PHONY: help setup system-deps assets demo compare study curve pipeline status test test-unit bench mlflow-ui slurm-up slurm-down \
-        stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate stage-export-exits clean
+        stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
@@ -41,12 +41,14 @@ help:
 	@echo "make test-unit - the tests that need no root or system service (no SLURM, Chromium, tmpfs)"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
-	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - all four stages in order, or a chain of SLURM jobs"
+	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - the stages in order, or a chain of SLURM jobs"
+	@echo "              ARGS='exits.depths=auto exits.count=3': search-exits chooses where the exits go"
 	@echo "make status CONFIG=... CLUSTER=slurm - the state and logs of the last submitted jobs"
 	@echo "make mlflow-ui [MLFLOW_STORE=runs/mlflow.db] - the MLflow UI on http://127.0.0.1:5000"
 	@echo "make slurm-up / slurm-down [SLURM_NODES=2] - a throw-away local SLURM cluster"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
+	@echo "make stage-search-exits CONFIG=configs/demo.yaml [NPROC=1] ARGS='exits.depths=auto exits.count=3'"
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=1] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - exits as standalone HF checkpoints"
@@ -73,13 +75,13 @@ assets: setup
 	$(PY) -m embedded.assets --root $(ASSETS)
 
 # In place, or submitted to SLURM with CLUSTER=slurm (stages/run_pipeline.py holds both ways).
-stage-tokenize stage-teacher-logits stage-train-exits stage-evaluate stage-export-exits: stage-%: assets
+stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits: stage-%: assets
 	$(LAUNCH) --stages $* --nproc $(NPROC) $(ARGS)
 
-# train-exits in place: one process per GPU, or NPROC gloo ranks sharing the CPU cores on CPU.
+# search-exits and train-exits in place: one process per GPU, or NPROC gloo ranks sharing the CPU cores on CPU.
 NPROC ?= 2
 
-# All four stages in order under one MLflow parent run; with CLUSTER=slurm, a chain of jobs
+# The stages in order under one MLflow parent run; with CLUSTER=slurm, a chain of jobs
 # (afterok) whose ids are printed and kept in RUN/logs/jobs.json (WAIT=1 waits for them).
 pipeline: assets
 	$(LAUNCH) --nproc $(NPROC) $(if $(WAIT),--wait) $(ARGS)
@@ -149,6 +151,7 @@ test-unit: assets
 bench: assets
 	$(PY) bench/teacher_bench.py
 	$(PY) bench/train_bench.py
+	$(PY) bench/search_bench.py
 
 clean:
 	rm -rf runs/ .pytest_cache

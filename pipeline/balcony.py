@@ -210,8 +210,6 @@ class BalconyModel(nn.Module):
                         depths: list[int] | None = None) -> "BalconyModel":
         """Backbone (a loaded HF model) + exported exits; refuses exits made for another backbone
         or, when `depths` is given, for another exit list."""
-        from safetensors.torch import load_file
-
         exits_dir = Path(exits_dir)
         meta = read_exits_config(exits_dir)
         if backbone_fingerprint is not None and meta["backbone_fingerprint"] != backbone_fingerprint:
@@ -221,8 +219,17 @@ class BalconyModel(nn.Module):
             raise InputError(f"{exits_dir / CONFIG}: depths is {meta['depths']}, this config's exits.depths is {depths}")
         model = cls(backbone, meta["depths"], kind=meta.get("kind", "balcony"), init=meta.get("init", "last_layer"))
         model.meta = meta
-        state = load_file(str(exits_dir / WEIGHTS))
-        missing, unexpected = model.exits.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise InputError(f"{exits_dir / WEIGHTS}: missing {missing[:3]}, unexpected {unexpected[:3]} exit weights")
+        model.load_exits(exits_dir)
         return model
+
+    def load_exits(self, exits_dir: Path, subset: bool = False) -> None:
+        """This model's exits' weights from exported exits; `subset`: the folder may hold exits at other
+        depths too (the search's candidates), which are left out."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(exits_dir) / WEIGHTS))
+        if subset:
+            state = {key: value for key, value in state.items() if key.split(".", 1)[0] in self.exits}
+        missing, unexpected = self.exits.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"{Path(exits_dir) / WEIGHTS}: missing {missing[:3]}, unexpected {unexpected[:3]} exit weights")

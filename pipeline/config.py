@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,13 @@ from pipeline.errors import ConfigError
 from pipeline.registry import TRAIN_EXITS
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None, execution=False):
+def _num(default, *, ge=None, gt=None, le=None, lt=None, execution=False, added=False):
     """A numeric field with its range. `execution=True`: how a run executes, not what it computes (batch
-    and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "execution": execution})
+    and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume.
+    `added=True`: a field newer than run directories in use: left out of the hash at its default, so
+    those directories keep the hash they were written with."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "execution": execution,
+                                            "added": added})
 
 
 @dataclass
@@ -126,21 +130,67 @@ class DataConfig:
         return self.budget_tokens or round(self.budget_fraction * self.reference_tokens)
 
 
+AUTO = "auto"  # exits.depths: chosen by the search-exits stage
+
+
 @dataclass
 class ExitsConfig:
-    depths: list[int] = field(default_factory=list)
-    """Exit depths: exit k reads the hidden state after layers[:k]."""
+    depths: list[int] | Literal["auto"] = field(default_factory=list)
+    """Exit depths: exit k reads the hidden state after layers[:k]; auto: the search-exits stage chooses them
+    (exits.count or exits.budgets; its settings under search)."""
     kind: Literal["balcony", "tuned_lens"] = "balcony"
     """balcony: a decoder layer + norm per exit; tuned_lens: an affine map into the frozen final norm (a baseline)."""
     init: Literal["last_layer", "next_layer"] = "last_layer"
     """last_layer (the paper's): a copy of the last layer + layers[k].input_layernorm; next_layer: a copy of
     layers[k] + the final norm (an untrained exit k is the logit lens at depth k+1)."""
 
+    count: int = _num(0, ge=0, added=True)
+    """depths auto: keep this many exits, those that minimise the mean KL to the full model over compute budgets
+    spread evenly from the cheapest candidate to the full model."""
+    budgets: list[float] = field(default_factory=list, metadata={"added": True})
+    """depths auto: relative costs in (0, 1); for each, keep the best candidate that costs no more."""
+
     def validate(self, path: str) -> None:
+        if self.depths == AUTO:
+            if bool(self.count) == bool(self.budgets):
+                raise ConfigError(f"{path}.depths: auto needs {path}.count (how many exits) or {path}.budgets "
+                                  f"(relative costs), one of them")
+            if any(not 0 < b < 1 for b in self.budgets):
+                raise ConfigError(f"{path}.budgets: each must be in (0, 1), got {self.budgets}")
+            return
+        if self.count or self.budgets:
+            raise ConfigError(f"{path}.count / {path}.budgets: only with {path}.depths auto")
         if any(k < 1 for k in self.depths):
             raise ConfigError(f"{path}.depths: every depth must be >= 1, got {self.depths}")
         if len(set(self.depths)) != len(self.depths):
             raise ConfigError(f"{path}.depths: duplicate depths in {self.depths}")
+
+
+@dataclass
+class SearchConfig:
+    """exits.depths auto: how the search-exits stage trains and scores its candidate exits."""
+
+    first: float = _num(0.25, gt=0.0, lt=1.0)
+    """Shallowest candidate, as a share of the backbone's layers (rounded up)."""
+    last: float = _num(0.9, gt=0.0, lt=1.0)
+    """Deepest candidate, as a share of the layers (rounded down, below the last layer)."""
+    stride: int = _num(2, gt=0)
+    """Layers between candidates."""
+    tokens: int = _num(32768, gt=0)
+    """Train tokens the candidates learn from, all at once: the end of the train split's epoch order. train-exits
+    then trains on the rest, starting each chosen exit from its candidate: the budget is read once."""
+    loss_positions: float = _num(0.25, gt=0.0, le=1.0)
+    """The candidates' train.loss_positions: the head and loss dominate a candidate's cost, so they learn from a
+    random share of each micro-batch's positions."""
+    heldout_tokens: int = _num(4096, gt=0)
+    """Held-out tokens each candidate is scored on (KL to the full model, top-1 agreement, perplexity)."""
+    cost: Literal["measured", "layers"] = "measured"
+    """A candidate's relative cost: measured: decode latency at batch 1 (a line fitted over the candidates and
+    the full model: the head and embedding count); layers: layers run / L."""
+
+    def validate(self, path: str) -> None:
+        if self.first > self.last:
+            raise ConfigError(f"{path}.first: {self.first} is above {path}.last {self.last}")
 
 
 @dataclass
@@ -206,6 +256,9 @@ class TrainConfig:
     run, each point scored by the evaluate stage); may be added to a run under way."""
     chunk_size: int = _num(1024, gt=0, execution=True)
     """Positions per head + loss chunk (bounds the [positions, vocab] logits)."""
+    loss_positions: float = _num(1.0, gt=0.0, le=1.0, added=True)
+    """Share of each micro-batch's positions the loss reads (a seeded random subset, the same for every exit):
+    the exit layers still see every position; the head and loss cost this share."""
     num_workers: int = _num(0, ge=0, le=1)
     """0: read and decode the shards in the training process; 1: in one background process (same order)."""
     online_teacher: bool = False
@@ -273,6 +326,7 @@ class Config:
     exits: ExitsConfig = field(default_factory=ExitsConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -308,7 +362,9 @@ class Config:
         for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
                 keep = with_execution and not f.metadata.get("since_execution_hash", False)
-                if f.metadata.get("execution", False) and not keep:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if (f.metadata.get("execution", False) and not keep) or (
+                        f.metadata.get("added", False) and getattr(getattr(self, section.name), f.name) == default):
                     del data[section.name][f.name]
         chosen = {name: data[name] for name in (sections or data)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
@@ -364,7 +420,13 @@ class ClusterConfig:
 # ---------------------------------------------------------------- loading
 
 
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
 def _type_name(tp) -> str:
+    if _is_union(tp):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(tp))
     if tp in (int, float, str, bool):
         return {int: "an int", float: "a float", str: "a string", bool: "a boolean"}[tp]
     if typing.get_origin(tp) is Literal:
@@ -384,6 +446,15 @@ def _coerce(value, tp, path: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, path)
+    if _is_union(tp):  # the first arm that takes the value; a list goes to the list arm, which names the bad item
+        for arm in typing.get_args(tp):
+            if isinstance(value, list) and typing.get_origin(arm) is list:
+                return _coerce(value, arm, path)
+            try:
+                return _coerce(value, arm, path)
+            except ConfigError:
+                pass
+        raise fail
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise fail

@@ -17,10 +17,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
+from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import BalconyModel
+from pipeline.config import Config, EvalConfig
 from pipeline.losses import kl_from_logprobs, next_token_labels
+from pipeline.registry import TOKENIZE
+from pipeline.shards import TOKENS_KEY, read_manifest, read_shard
+
+
+def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
+    """The held-out split of a tokenize stage's output (this run's, or another run's), `limit` sequences at most."""
+    manifest = read_manifest(tokens_dir, TOKENIZE.tag, expect={
+        "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
+    rows = [s[TOKENS_KEY] for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(tokens_dir, record)]
+    return torch.as_tensor(np.stack(rows[: limit or None])).long()
 
 
 @dataclass
@@ -93,3 +107,13 @@ def score_batch(model: BalconyModel, baselines: list[BalconyModel], variants: li
             variant.sums["kl"] += float(kl_from_logprobs(full_logprobs, logprobs).sum())
             variant.sums["agree"] += float((logprobs.argmax(-1) == full_top1).sum())
             variant.counts["kl"] += stop - start
+
+
+def score(model: BalconyModel, baselines: list[BalconyModel], variants: list[Variant], sequences: torch.Tensor,
+          settings: EvalConfig, device: torch.device, desc: str) -> list[dict]:
+    """Every variant's metrics on `sequences` (batches of settings.batch_size), as rows."""
+    with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=desc) as bar:
+        for batch in sequences.split(settings.batch_size):
+            score_batch(model, baselines, variants, batch.to(device), settings.chunk_size)
+            bar.update(batch.numel())
+    return [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()} for v in variants]

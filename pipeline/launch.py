@@ -1,8 +1,9 @@
 """Run stages in place, or submit them to SLURM as a chain of jobs, under one MLflow parent run.
 
-In place, each stage is a child process (train-exits under the deepspeed launcher). On SLURM,
-tokenize and teacher-logits are array jobs (task i of N writes shards i::N), train-exits one
-multi-node job, evaluate one job, each `afterok` on the one before. A stage already complete is
+In place, each stage is a child process (search-exits and train-exits under the deepspeed
+launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N writes shards i::N),
+search-exits and train-exits multi-node jobs (cluster.train), evaluate one job, each `afterok` on
+the one before. A stage already complete is
 skipped, and of an array stage only the tasks with missing shards are submitted, so resubmitting
 after a failure or a cancel redoes only what is missing. Submitted job ids go to RUN/logs/jobs.json.
 """
@@ -16,21 +17,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config import ClusterConfig, Config, JobConfig
+from pipeline.config import AUTO, ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.distributed import free_port
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError
 from pipeline.shards import atomic_write, completed_record
-from pipeline.registry import EXPORT_EXITS, STAGES, TRAIN_EXITS, export_folder
+from pipeline.registry import EXPORT_EXITS, SEARCH_EXITS, STAGES, TRAIN_EXITS, export_folder
+from pipeline.search import resolve_depths
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED_STAGES = (SEARCH_EXITS.name, TRAIN_EXITS.name)  # multi-process training: the deepspeed launcher, or srun
 
 
 def chain(cfg: Config) -> list[str]:
-    """The recipe's whole chain, in order: every stage, export-exits only with export.after_evaluate
-    (else it runs on request: `make stage-export-exits`)."""
-    return [name for name in STAGES if name != EXPORT_EXITS.name or cfg.export.after_evaluate]
+    """The recipe's whole chain, in order: every stage, search-exits only with exits.depths auto,
+    export-exits only with export.after_evaluate (else it runs on request: `make stage-export-exits`)."""
+    optional = {SEARCH_EXITS.name: cfg.exits.depths == AUTO, EXPORT_EXITS.name: cfg.export.after_evaluate}
+    return [name for name in STAGES if optional.get(name, True)]
 
 
 def needed(cfg: Config, stage: str) -> bool:
@@ -47,8 +51,16 @@ def is_done(cfg: Config, stage: str) -> bool:
     if stage == "train-exits":
         marker = Path(TRAIN_EXITS.done).name  # in RUN/exits and in each RUN/baselines/NAME
         return all((folder / marker).exists() for _, _, folder in cfg.exit_runs())
+    if stage == SEARCH_EXITS.name:  # a choice made for other settings is not done: the stage chooses again
+        try:
+            resolve_depths(cfg)
+            return True
+        except InputError:
+            return False
     if stage == EXPORT_EXITS.name:  # a folder per exported exit, each renamed into place when complete
-        return all(export_folder(cfg, d).exists() for d in cfg.export.depths or cfg.exits.depths)
+        if not cfg.export.depths and cfg.exits.depths == AUTO and not is_done(cfg, SEARCH_EXITS.name):
+            return False  # which exits there will be is not known yet
+        return all(export_folder(cfg, d).exists() for d in cfg.export.depths or resolve_depths(cfg).exits.depths)
     return (cfg.run_dir / STAGES[stage].done).exists()
 
 
@@ -82,7 +94,7 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
         if not needed(cfg, stage):
             continue
         started = time.perf_counter()
-        if stage == "train-exits":  # one process per GPU, or nproc gloo ranks sharing the CPU cores
+        if stage in DEEPSPEED_STAGES:  # one process per GPU, or nproc gloo ranks sharing the CPU cores
             # a free rendezvous port: DeepSpeed's default 29500 collides with any other run on this machine
             command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                        "--master_port", str(free_port()), *stage_command(stage, config, overrides)]
@@ -167,7 +179,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
             resources = cluster.tokenize if stage == "tokenize" else cluster.teacher
             args += [f"--array={tasks}", f"--output={log}", *sbatch_resources(cluster, resources)]
             script = "stage.sbatch"
-        elif stage == "train-exits":
+        elif stage in DEEPSPEED_STAGES:
             log = logs / f"{stage}-%j.log"
             args += [f"--output={log}", *sbatch_resources(cluster, cluster.train)]
             script = "train_exits.sbatch"

@@ -125,20 +125,30 @@ def chunked_kl_sum(hidden: list[torch.Tensor], head: torch.nn.Module, loss_of_ch
 
 
 def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
-                fmt: TargetFormat | None, chunk: int, objective: str = "kl") -> torch.Tensor:
+                fmt: TargetFormat | None, chunk: int, objective: str = "kl", share: float = 1.0) -> torch.Tensor:
     """Per-exit mean loss over one micro-batch: [len(depths)], differentiable.
 
     `forward(input_ids, full=...)` is a BalconyModel (or the DeepSpeed engine around one).
     objective "kl": KL(teacher || exit), the teacher being the cached targets in `batch` (`fmt`),
     or with `fmt=None` the backbone's own full forward in the same pass (exact full-vocabulary KL).
     objective "ce": next-token cross-entropy on the tokens themselves (the EE-Tuning baseline).
+    `share` < 1: the loss reads that share of the positions, drawn from torch's global RNG (the same
+    for every exit), so the head and loss cost that share; the exit layers still see every position.
     """
     input_ids = batch["input_ids.npy"].long()
-    positions = input_ids.numel()
+    count = input_ids.numel()
+    keep = None
+    if share < 1:  # drawn on the CPU: its RNG state is what a checkpoint saves
+        keep = torch.randperm(count)[: max(1, round(share * count))].sort().values.to(input_ids.device)
+
+    def pick(rows: torch.Tensor) -> torch.Tensor:
+        return rows if keep is None else rows[keep]
+
+    positions = count if keep is None else len(keep)
     online = objective == "kl" and fmt is None
     exits, final = forward(input_ids, full=online)
     if online:
-        teacher_hidden, teacher = final.reshape(positions, -1), {}
+        teacher_hidden, teacher = pick(final.reshape(count, -1)), {}
 
         def loss_of_chunk(logits, start, stop, with_grad):
             if start not in teacher:  # once per chunk, for every exit
@@ -148,13 +158,14 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
             return full_kl(teacher[start], logits, with_grad)
     else:
         if objective == "ce":
-            labels = next_token_labels(input_ids)
+            labels = pick(next_token_labels(input_ids))
             target, positions = one_hot_target(labels), int((labels != -100).sum())
         else:
-            target = fmt.decode({k: v.flatten(0, 1) for k, v in batch.items() if k in (fmt.ids_key, fmt.logprobs_key)})
+            target = fmt.decode({k: pick(v.flatten(0, 1)) for k, v in batch.items()
+                                 if k in (fmt.ids_key, fmt.logprobs_key)})
 
         def loss_of_chunk(logits, start, stop, with_grad):
             return sparse_kl(logits, target.rows(start, stop), with_grad)
 
-    hidden = [exits[d].reshape(input_ids.numel(), -1) for d in depths]
+    hidden = [pick(exits[d].reshape(count, -1)) for d in depths]
     return chunked_kl_sum(hidden, head, loss_of_chunk, chunk) / positions

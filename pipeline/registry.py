@@ -26,11 +26,13 @@ class Stage:
 
 TOKENIZE = Stage("tokenize", "tokenize_corpus.py", "tokens", f"tokens/{MANIFEST}", "tokenize")
 TEACHER_LOGITS = Stage("teacher-logits", "teacher_logits.py", "teacher", f"teacher/{MANIFEST}", "teacher")
+# with exits.depths auto: candidate exits at many depths, scored; the chosen depths feed train-exits
+SEARCH_EXITS = Stage("search-exits", "search_exits.py", "search", "search/result.json", "search-exits")
 TRAIN_EXITS = Stage("train-exits", "train_exits.py", "exits", "exits/balcony_config.json", "train-exits")
 EVALUATE = Stage("evaluate", "evaluate_exits.py", "eval", "eval/metrics.json", "evaluate")
 # every exit as a standalone HF checkpoint: on request, or last in the chain with export.after_evaluate
 EXPORT_EXITS = Stage("export-exits", "export_exits.py", "export", "export", "export-exits")
-STAGES = {stage.name: stage for stage in (TOKENIZE, TEACHER_LOGITS, TRAIN_EXITS, EVALUATE, EXPORT_EXITS)}  # in order
+STAGES = {stage.name: stage for stage in (TOKENIZE, TEACHER_LOGITS, SEARCH_EXITS, TRAIN_EXITS, EVALUATE, EXPORT_EXITS)}  # in order
 
 
 def export_folder(cfg, depth: int) -> Path:

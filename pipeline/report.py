@@ -1,4 +1,5 @@
-"""The evaluate stage's table and plot of every variant's rows (metrics.json's `rows`)."""
+"""Tables and plots: the evaluate stage's (every variant's rows of metrics.json) and the search-exits
+stage's (every candidate, the Pareto front and the chosen exits)."""
 from __future__ import annotations
 
 import io
@@ -29,11 +30,25 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    """The figure as a PNG file, written atomically; the figure is closed."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    _pyplot().close(fig)
+    atomic_write(Path(path), png.getvalue())
+
+
+def plot(rows: list[dict], path) -> None:
+    plt = _pyplot()
 
     fig, (kl_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"balcony": ("Balcony exits", "o-", "tab:blue"), "logit_lens": ("logit lens", "s--", "tab:gray"),
@@ -55,7 +70,53 @@ def plot(rows: list[dict], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(Path(path), png.getvalue())
+    _save(fig, path)
+
+
+def search_table(scores: dict, result: dict) -> str:
+    """One line per candidate (cost, quality, Pareto, kept), then the floor and the full model."""
+    front, chosen = set(result["pareto_front"]), set(result["chosen"])
+    cost = "measured decode latency, fitted" if scores["cost"] == "measured" else "layers run / L"
+    lines = [f"Candidates trained on {scores['train_tokens']:,} tokens (loss on {scores['loss_positions']:.0%} of "
+             f"positions), scored on {scores['heldout_tokens']:,} held-out tokens; relative cost: {cost}.",
+             f"Kept: exits {result['chosen']}; mean KL over budgets {result['budget_range'][0]:.3f}-1, each served by "
+             f"the deepest kept exit that fits it: {result['mean_kl_over_budgets']:.4f} (below the kept exits: "
+             f"{result['floor']['name']}).", "",
+             "| variant | relative cost | decode ms/token | KL to full | top-1 agreement | perplexity | Pareto | kept |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in scores["rows"]:
+        candidate = row["kind"] == "balcony"
+        latency = f"{row['latency_ms']:.2f}" if "latency_ms" in row else "-"
+        lines.append(f"| {row['name']} | {row['relative_cost']:.3f} | {latency} | {row['kl_to_full']:.4f} | "
+                     f"{row['top1_agreement']:.3f} | {row['perplexity']:.2f} | "
+                     f"{('yes' if row['depth'] in front else 'no') if candidate else '-'} | "
+                     f"{('**yes**' if row['depth'] in chosen else '') if candidate else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def search_plot(scores: dict, result: dict, path) -> None:
+    """KL and top-1 agreement against relative cost: every candidate, the Pareto front, the kept exits."""
+    plt = _pyplot()
+    fig, (kl_ax, top1_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    points = sorted((r for r in scores["rows"] if r["kind"] == "balcony"), key=lambda r: r["relative_cost"])
+    front = [r for r in points if r["depth"] in result["pareto_front"]]
+    kept = [r for r in points if r["depth"] in result["chosen"]]
+    floor = next(r for r in scores["rows"] if r["kind"] == "logit_lens")
+    for ax, key in ((kl_ax, "kl_to_full"), (top1_ax, "top1_agreement")):
+        ax.plot([r["relative_cost"] for r in points], [r[key] for r in points], "o", color="tab:blue",
+                label="candidate exits")
+        ax.plot([r["relative_cost"] for r in front], [r[key] for r in front], "-", color="tab:blue", alpha=0.5,
+                label="Pareto front (KL)")
+        ax.plot([r["relative_cost"] for r in kept], [r[key] for r in kept], "o", markersize=14, markerfacecolor="none",
+                markeredgecolor="tab:red", markeredgewidth=2, label=f"kept: {result['chosen']}")
+        ax.plot([floor["relative_cost"]], [floor[key]], "s", color="tab:gray", label=floor["name"])
+        for r in points:
+            ax.annotate(str(r["depth"]), (r["relative_cost"], r[key]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    kl_ax.set(xlabel="relative cost", ylabel="KL(full || exit), nats/token", yscale="log",
+              title="candidate exits: distance to the full model")
+    top1_ax.set(xlabel="relative cost", ylabel="top-1 agreement with the full model", title="top-1 agreement")
+    fig.tight_layout()
+    _save(fig, path)

@@ -12,34 +12,25 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
+from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer
 from pipeline.balcony import WEIGHTS, BalconyModel
 from pipeline.config import Config, DataConfig
 from pipeline.corpus import ShardPacker, ShardSpec, document_encoder
 from pipeline.sources import stream_documents
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluation import baseline_kind, score_batch, variants_of
+from pipeline.evaluation import baseline_kind, heldout_sequences, score, variants_of
 from pipeline.report import markdown_table, plot
 from pipeline.timing import assisted_speedup, decode_latency, greedy_seconds, speculative_speedup
-from pipeline.shards import MANIFEST, PARTS, TOKENS_KEY, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest, read_shard
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
+from pipeline.search import resolve_depths
+from pipeline.shards import MANIFEST, PARTS, atomic_write, claim_directory, file_sha256, manifest_hash
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
 
 STAGE = EVALUATE
 FORMAT_VERSION = 1
-
-
-def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
-    """The held-out split of a tokenize stage's output (this run's, or another run's), `limit` sequences at most."""
-    manifest = read_manifest(tokens_dir, TOKENIZE.tag, expect={
-        "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
-    rows = [s[TOKENS_KEY] for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(tokens_dir, record)]
-    return torch.as_tensor(np.stack(rows[: limit or None])).long()
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -82,6 +73,7 @@ def eval_sets(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def run(cfg: Config, task: tuple[int, int]) -> None:
+    cfg = resolve_depths(cfg)
     out, tokens_dir, exits_dir = STAGE.dir(cfg), TOKENIZE.dir(cfg), TRAIN_EXITS.dir(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_backbone(cfg.model, device)
@@ -117,12 +109,8 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
 def quality(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sequences: torch.Tensor,
             device: torch.device, name: str) -> list[dict]:
     """Perplexity, KL to the full model and top-1 agreement of every variant on `sequences`."""
-    variants = variants_of(model, baselines)
-    with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=f"{STAGE.name} quality ({name})") as bar:
-        for batch in sequences.split(cfg.eval.batch_size):
-            score_batch(model, baselines, variants, batch.to(device), cfg.eval.chunk_size)
-            bar.update(batch.numel())
-    return [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()} for v in variants]
+    return score(model, baselines, variants_of(model, baselines), sequences, cfg.eval, device,
+                 f"{STAGE.name} quality ({name})")
 
 
 def measure(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sets: dict[str, torch.Tensor],

@@ -11,260 +11,37 @@ next-token cross-entropy: the EE-Tuning baseline). Only exits are trained.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
-import sys
-import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # deepspeed imports mlflow when present
 # DeepSpeed 0.19 calls collectives that torch 2.13 renamed; one warning per call drowns the log
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, tokenizer_fingerprint
-from pipeline.balcony import CONFIG as EXITS_CONFIG
-from pipeline.balcony import BalconyModel
-from pipeline.config import Config, ConfigError
+from pipeline.backbone import backbone_fingerprint, load_backbone
+from pipeline.config import AUTO, Config
 from pipeline.distributed import init_distributed
-from pipeline.errors import PipelineError
-from pipeline.losses import exit_losses
-from pipeline.registry import TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
-from pipeline.shards import atomic_write, claim_directory, manifest_hash, read_manifest
+from pipeline.registry import SEARCH_EXITS
+from pipeline.search import CANDIDATES, resolve_depths, search_steps
 from pipeline.stage import run_stage
-from pipeline.targets import TargetFormat
-from pipeline.tracking import stage_run
-from pipeline.train_data import TrainBatches
-
-STAGE = TRAIN_EXITS
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
-
-
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in the optimizer)."""
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-
-
-def accumulation_steps(cfg: Config, world: int) -> int:
-    per_micro_step = cfg.data.seq_len * cfg.train.micro_batch_size * world
-    if cfg.train.tokens_per_step % per_micro_step:
-        raise ConfigError(
-            f"train.tokens_per_step: {cfg.train.tokens_per_step} is not a multiple of data.seq_len x "
-            f"train.micro_batch_size x ranks = {cfg.data.seq_len} x {cfg.train.micro_batch_size} x {world}")
-    return cfg.train.tokens_per_step // per_micro_step
-
-
-def deepspeed_config(cfg: Config, accumulation: int, bf16: bool) -> dict:
-    """The ZeRO settings from configs/deepspeed/zeroN.json; batch, precision and clipping from the recipe."""
-    ds = json.loads((DEEPSPEED_CONFIGS / f"zero{cfg.train.zero_stage}.json").read_text())
-    ds.update(train_micro_batch_size_per_gpu=cfg.train.micro_batch_size, gradient_accumulation_steps=accumulation,
-              gradient_clipping=cfg.train.grad_clip, bf16={"enabled": bf16})
-    return ds
-
-
-def lr_lambda(cfg: Config, total_steps: int):
-    """Linear warmup, then cosine decay to min_lr_ratio, warmup-stable-decay, or constant."""
-    warmup = math.ceil(cfg.train.warmup_fraction * total_steps)
-    decay_start = total_steps - math.ceil(cfg.train.decay_fraction * total_steps)
-    floor = cfg.train.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.train.schedule == "constant":
-            return 1.0
-        if cfg.train.schedule == "wsd":
-            if step < decay_start:
-                return 1.0
-            return floor + (1 - floor) * (total_steps - step) / max(1, total_steps - decay_start)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+from pipeline.training import accumulation_steps, train_one
 
 
 def run(cfg: Config, task: tuple[int, int]) -> None:
-    """The Balcony exits into RUN/exits, then each of train.baselines into RUN/baselines/NAME."""
+    """The Balcony exits into RUN/exits, then each of train.baselines into RUN/baselines/NAME.
+    With exits.depths auto: at the depths search-exits chose, on the tokens it did not read, each
+    exit starting from its candidate."""
+    searched = cfg.exits.depths == AUTO
+    cfg = resolve_depths(cfg)
     rank, world, device = init_distributed()
     for _, variant, _ in cfg.exit_runs():
         accumulation_steps(variant, world)  # a config error: before any work
     lm = load_backbone(cfg.model, device)
-    dtype = next(lm.parameters()).dtype
-    if not uses_bf16(cfg, device) and dtype != torch.float32:  # fp32 exits would be copies of bf16 layers
-        raise ConfigError(f"train.precision: {cfg.train.precision} trains in fp32 here, but the backbone is {dtype} "
-                          f"(model.dtype {cfg.model.dtype}); set train.precision bf16 (DeepSpeed keeps fp32 master "
-                          "weights of the exits) or model.dtype float32")
     fingerprint = backbone_fingerprint(cfg.model, lm)
     for name, variant, out in cfg.exit_runs():
-        train_one(variant, out, name, lm, fingerprint, rank, world, device)
-
-
-def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int, world: int,
-              device: torch.device) -> None:
-    import deepspeed
-
-    accumulation = accumulation_steps(cfg, world)
-    online = cfg.train.online_teacher or cfg.train.objective == "ce"  # neither needs cached targets
-    bf16 = uses_bf16(cfg, device)
-    torch.manual_seed(cfg.train.seed)
-
-    # --- inputs: the shards the earlier stages must have produced
-    if online:
-        source = TOKENIZE.dir(cfg)
-        manifest = read_manifest(source, TOKENIZE.tag, expect={
-            "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
-        fmt = None  # exit_losses: no format = the online teacher (kl) or the tokens themselves (ce)
-    else:
-        source = TEACHER_LOGITS.dir(cfg)
-        manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
-                                                             "seq_len": cfg.data.seq_len})
-        fmt = TargetFormat.from_description(manifest["target_format"])
-    model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
-    header = {"stage": STAGE.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
-              "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
-              "precision": "bf16" if bf16 else "fp32"}
-    # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes.
-    # Finished exits are the same whatever the world size that made them; a resume needs the same.
-    finished = (out / EXITS_CONFIG).exists()
-    claim_directory(out, header, write=rank == 0, ignore=("world_size",) if finished else (),
-                    also={"config_hash": cfg.hash("exits", "train", with_execution=True)})  # earlier versions' hash
-    dist.barrier()
-    if finished:
-        if rank == 0:
-            print(f"{STAGE.name}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
-        return
-
-    # --- data and schedule
-    batches = TrainBatches(source, manifest, () if online else (fmt.ids_key, fmt.logprobs_key),
-                           cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
-    total_steps = cfg.train.max_steps or batches.batches_per_epoch // accumulation
-    if total_steps < 1:
-        raise ConfigError(f"train.tokens_per_step: one step needs {accumulation} micro-batches per rank, "
-                          f"the data gives {batches.batches_per_epoch}; lower it or add data")
-
-    late = [s for s in cfg.train.snapshots if s > total_steps]
-    if late:
-        raise ConfigError(f"train.snapshots: step {late[0]} is past the run's {total_steps} steps")
-    trained = lambda step: {"objective": cfg.train.objective, "steps": step, "tokens": step * cfg.train.tokens_per_step}
-
-    # --- engine: only exit parameters reach the optimizer
-    params = [p for p in model.exits.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, cfg.train.adam_beta2),
-                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=params, config=deepspeed_config(cfg, accumulation, bf16))
-    engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
-    cast = model.decoder.low_precision_rotary()
-    if cast:
-        raise PipelineError(f"deepspeed: {deepspeed.__version__} cast the rotary buffers {cast} to low precision "
-                            "(positions would be wrong); install deepspeed >= 0.19.2")
-    checkpoints = out / "checkpoints"
-    step = 0
-    if (checkpoints / "latest").exists():
-        _, state = engine.load_checkpoint(str(checkpoints), load_module_strict=False)
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        if rank == 0:
-            print(f"{STAGE.name}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
-
-    stream = batches.stream(start=step * accumulation)
-    if rank == 0:
-        unused = batches.dropped + (batches.batches_per_epoch - total_steps * accumulation) * world * batches.micro_batch
-        if not cfg.train.max_steps and unused:
-            print(f"{STAGE.name} ({name}): {unused} of {batches.samples} train sequences unused per epoch "
-                  f"({batches.dropped} do not fill {world} equal blocks of whole micro-batches, the rest a whole step)")
-        print(f"{STAGE.name} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
-              f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
-              f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)")
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=STAGE.name, disable=rank != 0, dynamic_ncols=True)
-    with stage_run(cfg, STAGE.tag, header["config_hash"], enabled=rank == 0, variant=name) as tracker, bar:
-        while step < total_steps:
-            started = time.perf_counter()
-            step_kl = torch.zeros(len(model.depths), device=device)
-            for _ in range(accumulation):
-                batch = {k: v.to(device) for k, v in next(stream).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
-                    kls = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
-                                      cfg.train.objective)
-                engine.backward(kls.mean())
-                # on every micro-step, as DeepSpeed wants: it steps the optimizer (and the scheduler)
-                # only at the gradient-accumulation boundary, and merely counts the others
-                engine.step()
-                step_kl += kls.detach() / accumulation
-            dist.all_reduce(step_kl)
-            step_kl /= world
-            step += 1
-            seconds = time.perf_counter() - started
-            if rank == 0:
-                lr = scheduler.get_last_lr()[0]
-                # 9 significant digits: a float32 exactly, so that runs compare by value (resume, ZeRO stages)
-                per_exit = "  ".join(f"kl@{d} {v:.9g}" for d, v in zip(model.depths, step_kl.tolist()))
-                bar.write(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s")
-                sys.stdout.flush()  # a log file (SLURM) sees each step as it ends
-                bar.update()
-                tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_kl.tolist())},
-                                 "kl_mean": float(step_kl.mean()), "lr": lr,
-                                 "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
-            if step in cfg.train.snapshots:
-                export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
-        export(model, out, fingerprint, rank, trained(step))
-        if rank == 0:
-            tracker.artifact(out / EXITS_CONFIG)
-            print(f"{STAGE.name}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
-
-
-def weights_only_checkpoint_engine(ds_config):
-    """DeepSpeed's torch checkpoint engine, loading with weights_only=True: tensors, plain containers
-    and the few DeepSpeed classes its checkpoints hold, never an arbitrary pickle (DeepSpeed's own
-    engine loads with weights_only=False)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    class Engine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return Engine(ds_config)
-
-
-def save_checkpoint(engine, folder: Path, step: int, keep: int, rank: int) -> None:
-    """Exit weights, optimizer, scheduler and RNG; the data position is the step itself."""
-    tag = f"step{step:08d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "rng": torch.get_rng_state()},
-                           exclude_frozen_parameters=True, save_latest=False)
-    dist.barrier()
-    if rank == 0:  # `latest` moves (atomically; DeepSpeed's own write is not) once every rank has saved
-        atomic_write(folder / "latest", tag.encode())
-        for old in sorted(folder.glob("step*"))[:-keep]:
-            shutil.rmtree(old)
-
-
-def snapshot_dir(out: Path, step: int) -> Path:
-    return out / "snapshots" / f"step{step:08d}"
-
-
-def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: dict) -> None:
-    """exits.safetensors + balcony_config.json (written last: its presence marks a finished export)."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
-        if rank == 0:
-            model.save_exits(out, fingerprint, extra)
-    dist.barrier()
+        initial = SEARCH_EXITS.dir(cfg) / CANDIDATES if searched and name == "exits" else None
+        train_one(variant, out, name, lm, fingerprint, rank, world, device,
+                  search_steps=search_steps(cfg) if searched else 0, initial=initial)
 
 
 if __name__ == "__main__":

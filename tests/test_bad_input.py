@@ -15,8 +15,9 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.train_data import TrainBatches
+from pipeline.training import weights_only_checkpoint_engine
 
-from conftest import BACKBONE, ROOT, run_command, stage_command, stage_module, tiny_config, tree_bytes
+from conftest import BACKBONE, ROOT, run_command, stage_command, tiny_config, tree_bytes
 
 # consumer stage -> (the inputs it reads, the folder damaged, the shard damaged (split, index, file), its output)
 CONSUMERS = {
@@ -293,7 +294,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, ledger):
 
     bad = tmp_path / "mp_rank_00_model_states.pt"
     bad.write_bytes(pickle.dumps({"module": Payload()}))
-    engine = stage_module("train-exits").weights_only_checkpoint_engine(None)
+    engine = weights_only_checkpoint_engine(None)
     with pytest.raises(pickle.UnpicklingError):
         engine.load(str(bad), map_location="cpu")
     assert not (tmp_path / "pwned").exists()

@@ -148,3 +148,7 @@ def test_the_hash_earlier_versions_wrote_is_still_computed():
     assert demo.hash("teacher", with_execution=True) == "a02e4ed21082d2ec"
     assert demo.exit_runs()[0][1].hash("exits", "train", with_execution=True) == "47e5df500466b08b"
     assert demo.hash("teacher") != demo.hash("teacher", with_execution=True)
+    # fields added since (exits.count, train.loss_positions, ...) leave the hash alone at their defaults
+    assert demo.exit_runs()[0][1].hash("exits", "train") == "19e785bf2b53b764"
+    assert demo.exit_runs()[0][1].hash("exits", "train") != load_config(
+        ROOT / "configs" / "demo.yaml", ["train.loss_positions=0.5"]).exit_runs()[0][1].hash("exits", "train")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.config import TeacherConfig
-from pipeline.losses import chunked_kl_sum, full_kl, one_hot_target, sparse_kl
+from pipeline.losses import chunked_kl_sum, exit_losses, full_kl, next_token_labels, one_hot_target, sparse_kl
 from pipeline.targets import TargetFormat
 
 VOCAB = 300
@@ -76,3 +76,24 @@ def test_chunked_sum_matches_unchunked_value_and_gradient(autocast):
     assert chunked.shape == (2,) and torch.allclose(chunked, whole, **tolerance)
     for a, b in zip(grad_chunked, grad_whole):
         assert torch.allclose(a, b, **tolerance)
+
+
+def test_a_share_of_positions_is_the_loss_on_those_positions():
+    """train.loss_positions: the mean loss over a seeded random subset of positions (the same for every
+    exit), with no gradient at the others; exit layers still see every position."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=False).requires_grad_(False)
+    input_ids = torch.randint(0, VOCAB, (2, 20))
+    hidden = {1: torch.randn(2, 20, 16, requires_grad=True), 2: torch.randn(2, 20, 16, requires_grad=True)}
+    forward = lambda ids, full: (hidden, None)  # noqa: E731 - what a BalconyModel returns
+    torch.manual_seed(7)
+    losses = exit_losses(forward, head, [1, 2], {"input_ids.npy": input_ids}, None, 8, "ce", share=0.25)
+    torch.manual_seed(7)
+    keep = torch.randperm(40)[:10].sort().values
+    labels = next_token_labels(input_ids)[keep]
+    known = labels != -100
+    for loss, h in zip(losses, hidden.values()):
+        logits = head(h.reshape(40, -1)[keep])[known]
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels[known]), atol=1e-5)
+    grad = torch.autograd.grad(losses.sum(), hidden[1])[0].reshape(40, -1)
+    assert grad[keep].abs().sum() > 0 and grad[[i for i in range(40) if i not in keep]].abs().sum() == 0

@@ -125,3 +125,21 @@ def test_failed_task_reported_with_log(cluster, tmp_path, tracking_uri):
     log = Path(failed[0].split(" log ")[1].strip())
     assert log.exists() and "error: data.files" in log.read_text(), log.read_text()[-2000:]
     assert re.search(r"teacher-logits .* CANCELLED", proc.stdout), proc.stdout
+
+
+def test_auto_depths_on_slurm(cluster, tmp_path, tracking_uri):
+    """exits.depths auto on SLURM: search-exits is one more job of the chain, on the training resources
+    (2 nodes, 2 ranks); train-exits and evaluate use the depths it chose."""
+    config = _config(tmp_path, tracking_uri, "auto", model={"num_layers": 6}, exits={"depths": "auto", "count": 2},
+                     search={"stride": 1, "tokens": 2048, "heldout_tokens": 512, "cost": "layers"},
+                     train={"max_steps": 0})
+    launch(config, "--cluster", str(cluster), "--wait")
+    run = tmp_path / "auto"
+    jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
+    assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "search-exits", "train-exits", "evaluate"]
+    search_log = Path(jobs[2]["log"]).read_text()
+    assert "search-exits (candidates): 2 ranks" in search_log and "exits [" in search_log, search_log[-2000:]
+    chosen = json.loads((run / "search/result.json").read_text())["chosen"]
+    assert json.loads((run / "eval/metrics.json").read_text())["depths"] == chosen
+    rerun = launch(config, "--cluster", str(cluster))
+    assert rerun.stdout.count("is complete") == 5 and "(none: all complete)" in rerun.stdout
