@@ -125,21 +125,23 @@ def chunked_kl_sum(hidden: list[torch.Tensor], head: torch.nn.Module, loss_of_ch
 
 
 def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
-                fmt: TargetFormat | None, chunk: int, objective: str = "kl", share: float = 1.0) -> torch.Tensor:
+                fmt: TargetFormat | None, chunk: int, objective: str = "kl", share: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-exit mean loss over one micro-batch: [len(depths)], differentiable.
 
     `forward(input_ids, full=...)` is a BalconyModel (or the DeepSpeed engine around one).
     objective "kl": KL(teacher || exit), the teacher being the cached targets in `batch` (`fmt`),
     or with `fmt=None` the backbone's own full forward in the same pass (exact full-vocabulary KL).
     objective "ce": next-token cross-entropy on the tokens themselves (the EE-Tuning baseline).
-    `share` < 1: the loss reads that share of the positions, drawn from torch's global RNG (the same
-    for every exit), so the head and loss cost that share; the exit layers still see every position.
+    `share` < 1: the loss reads that share of the positions, drawn by `generator` (the same for every
+    exit), so the head and loss cost that share; the exit layers still see every position.
     """
     input_ids = batch["input_ids.npy"].long()
     count = input_ids.numel()
     keep = None
-    if share < 1:  # drawn on the CPU: its RNG state is what a checkpoint saves
-        keep = torch.randperm(count)[: max(1, round(share * count))].sort().values.to(input_ids.device)
+    if share < 1:
+        keep = torch.randperm(count, generator=generator)[: max(1, round(share * count))].sort().values
+        keep = keep.to(input_ids.device)
 
     def pick(rows: torch.Tensor) -> torch.Tensor:
         return rows if keep is None else rows[keep]

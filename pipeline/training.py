@@ -186,11 +186,13 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
         while step < total_steps:
             started = time.perf_counter()
             step_kl = torch.zeros(len(model.depths), device=device)
-            for _ in range(accumulation):
+            for micro in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
+                # train.loss_positions: which positions, a function of where the run is (so a resume draws the same)
+                positions = torch.Generator().manual_seed(hash((cfg.train.seed, rank, step, micro)))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
                     kls = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
-                                      cfg.train.objective, cfg.train.loss_positions)
+                                      cfg.train.objective, cfg.train.loss_positions, positions)
                 engine.backward(kls.mean())
                 # on every micro-step, as DeepSpeed wants: it steps the optimizer (and the scheduler)
                 # only at the gradient-accumulation boundary, and merely counts the others

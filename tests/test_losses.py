@@ -79,17 +79,16 @@ def test_chunked_sum_matches_unchunked_value_and_gradient(autocast):
 
 
 def test_a_share_of_positions_is_the_loss_on_those_positions():
-    """train.loss_positions: the mean loss over a seeded random subset of positions (the same for every
-    exit), with no gradient at the others; exit layers still see every position."""
+    """train.loss_positions: the mean loss over a random subset of positions drawn by the given generator
+    (the same for every exit), with no gradient at the others; exit layers still see every position."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, VOCAB, bias=False).requires_grad_(False)
     input_ids = torch.randint(0, VOCAB, (2, 20))
     hidden = {1: torch.randn(2, 20, 16, requires_grad=True), 2: torch.randn(2, 20, 16, requires_grad=True)}
     forward = lambda ids, full: (hidden, None)  # noqa: E731 - what a BalconyModel returns
-    torch.manual_seed(7)
-    losses = exit_losses(forward, head, [1, 2], {"input_ids.npy": input_ids}, None, 8, "ce", share=0.25)
-    torch.manual_seed(7)
-    keep = torch.randperm(40)[:10].sort().values
+    losses = exit_losses(forward, head, [1, 2], {"input_ids.npy": input_ids}, None, 8, "ce", share=0.25,
+                         generator=torch.Generator().manual_seed(7))
+    keep = torch.randperm(40, generator=torch.Generator().manual_seed(7))[:10].sort().values
     labels = next_token_labels(input_ids)[keep]
     known = labels != -100
     for loss, h in zip(losses, hidden.values()):
