@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import InputError
+from pipeline.sources import Scan
 
 SPLITS = ("train", "heldout")
 
@@ -58,6 +59,27 @@ def shard_counts(specs: Iterable[ShardSpec]) -> dict[str, int]:
 def is_heldout(seed: int, doc_index: int, fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def check_budget(data: DataConfig, scan: Scan, encode) -> None:
+    """Refuse, before any work, a budget the local files plainly cannot fill: their tokens estimated
+    from the characters the scan counted, at the characters per token of a sample of each file. An
+    estimate, so only a shortfall beyond BUDGET_MARGIN is refused here; packing names a closer one."""
+    if not scan.documents:  # a hub dataset: its size is not known before it streams
+        return
+    sample = encode(scan.sample)
+    per_token = sum(map(len, scan.sample)) / sum(len(ids) for ids in sample)
+    estimate = round(scan.characters / per_token)
+    needed = data.total_tokens + data.heldout_tokens
+    if estimate * BUDGET_MARGIN < needed:
+        raise InputError(
+            f"data.budget_tokens: the files hold about {estimate:,} tokens ({scan.characters:,} characters in "
+            f"{scan.documents:,} documents at {per_token:.2f} characters per token, measured on {len(sample)} of "
+            f"them), fewer than the {needed:,} that data.budget_tokens and data.heldout_tokens ask for; "
+            "lower them or add files")
+
+
+BUDGET_MARGIN = 1.1  # the estimate's error, generously: characters per token vary between documents
 
 
 # ---------------------------------------------------------------- packing

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import DataConfig
@@ -169,25 +170,42 @@ def _checked_fields(where: str, record: dict, data: DataConfig) -> dict | BadRec
 # ---------------------------------------------------------------- the scan and the stream
 
 
-def scan_sources(data: DataConfig, key: str = "data.files") -> int:
+@dataclass
+class Scan:
+    """What one read of every local record found (all zero for a hub dataset, checked as it streams)."""
+
+    skipped: int = 0  # bad records left out (data.on_bad_record: skip)
+    documents: int = 0  # good records
+    characters: int = 0  # in their text (and prompt) fields
+    sample: list[str] = field(default_factory=list)  # the first SAMPLE_PER_FILE texts of each file
+
+
+SAMPLE_PER_FILE = 16  # documents per file whose characters per token estimate the corpus's tokens
+
+
+def scan_sources(data: DataConfig, key: str = "data.files") -> Scan:
     """Read every record of the local files once, before anything is written: with on_bad_record
-    error, refuse the first bad one; with skip, return how many there are. Hub datasets are checked
-    as they stream (0 here)."""
+    error, refuse the first bad one; with skip, count them; and measure what the good ones hold."""
+    scan = Scan()
     if data.source == "hub":
-        return 0
-    bad = good = 0
+        return scan
     first = None
     for path in local_files(data, key):
+        sampled = 0
         for record in file_records(path, data):
             if not isinstance(record, BadRecord):
-                good += 1
+                scan.documents += 1
+                scan.characters += sum(len(record[name]) for name in _fields(data))
+                if sampled < SAMPLE_PER_FILE:
+                    scan.sample.append(record[_fields(data)[0]])
+                    sampled += 1
             elif data.on_bad_record == "error":
                 raise InputError(f"{key}: {record} (data.on_bad_record: skip leaves such records out)")
             else:
-                bad, first = bad + 1, first or record
-    if good == 0:
+                scan.skipped, first = scan.skipped + 1, first or record
+    if scan.documents == 0:
         raise InputError(f"{key}: no readable record in {', '.join(data.files)}; the first bad one: {first}")
-    return bad
+    return scan
 
 
 def _good_records(files: list[str], data: DataConfig, key: str) -> Iterator[dict]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.config import Config
-from pipeline.corpus import document_encoder, pack_shards, plan_shards, shard_counts
+from pipeline.corpus import check_budget, document_encoder, pack_shards, plan_shards, shard_counts
 from pipeline.sources import scan_sources, source_fingerprint, stream_documents
 from pipeline.shards import TOKENS_KEY, write_shard
 from pipeline.registry import TOKENIZE
@@ -24,12 +24,15 @@ STAGE = TOKENIZE
 
 def tokens_header(cfg: Config, tokenizer) -> dict:
     """What the token shards are a function of; pinned in .parts/header.json and the manifest.
-    Reads every record first: a bad one is refused (or counted) before anything is written."""
+    Reads every record first: a bad one is refused (or counted), and a budget the files cannot fill
+    refused, before anything is written."""
+    scan = scan_sources(cfg.data)
+    check_budget(cfg.data, scan, document_encoder(tokenizer))
     return {
         "stage": STAGE.tag,
         "config_hash": cfg.hash("data"),
         "input_fingerprint": source_fingerprint(cfg.data),
-        "skipped_records": scan_sources(cfg.data),
+        "skipped_records": scan.skipped,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,

@@ -91,7 +91,7 @@ def test_each_bad_record_is_named_by_file_and_line_or_skipped(tmp_path, case):
     with pytest.raises(InputError, match=f"^data.files: {where}: ({problem})"):
         list(stream_documents(data))
     skipping = _data([good, bad], on_bad_record="skip")
-    assert scan_sources(skipping) == (3 if case == "binary file" else 1)  # its three "lines"
+    assert scan_sources(skipping).skipped == (3 if case == "binary file" else 1)  # its three "lines"
     assert list(stream_documents(skipping)) == [f"doc {i}" for i in range(3)] + (["fine"] if case == "cut-off last line" else [])
 
 

@@ -1,5 +1,6 @@
 """The tokenize stage end to end, run as a user runs it: a subprocess per invocation."""
 import json
+import re
 
 import pytest
 
@@ -122,6 +123,21 @@ def test_a_bad_record_is_one_line_naming_it_or_skipped_and_counted(write_config,
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
     run_stage(STAGE, "--config", config, "data.on_bad_record=skip")
     assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["skipped_records"] == 1
+
+
+def test_a_budget_the_files_cannot_fill_is_refused_before_any_work(write_config, tmp_path):
+    """The scan estimates the files' tokens (characters at the sample's characters per token): a budget
+    far beyond them is one line naming the key, exit 2, and no run directory."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"Document {i}: " + "a few plain words. " * 20}) + "\n"
+                             for i in range(20)))
+    config = write_config("small.yaml", run_dir=tmp_path / "run", data={"files": [str(small)]})
+    proc = run_stage(STAGE, "--config", config, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.match(r"error: data.budget_tokens: the files hold about [\d,]+ tokens \([\d,]+ characters in 20 documents "
+                    r"at [\d.]+ characters per token, measured on 16 of them\), fewer than the 9,216 that "
+                    r"data.budget_tokens and data.heldout_tokens ask for", proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_stage_logs_an_mlflow_run(reference, tracking_uri):
