@@ -88,9 +88,11 @@ def test_candidates_and_settings(tmp_path):
 # ---------------------------------------------------------------- the stage, on the real backbone
 
 SEARCH = {"model": {"num_layers": 6},
+          "data": {"budget_tokens": 8192},  # 64 sequences: 16 steps of 512 tokens, 4 of them the search's
           "exits": {"depths": "auto", "count": 2},
           "search": {"first": 0.25, "last": 0.9, "stride": 1, "tokens": 2048, "heldout_tokens": 512, "cost": "layers"},
-          "train": {"max_steps": 0}}  # one pass over what the search leaves
+          "train": {"max_steps": 0},  # one pass over what the search leaves
+          "eval": {"speed": False}}
 
 
 def search_config(folder, tracking_uri, name, **extra):
@@ -145,19 +147,20 @@ def test_chosen_exits_start_from_their_candidates(searched_run):
     assert losses_by_step(exits_log)[1][0] < losses_by_step(fresh.stdout)[1][0]
 
 
-def test_rerun_is_a_no_op_and_a_new_count_only_chooses_again(searched_run):
+def test_rerun_is_a_no_op_and_a_new_count_only_chooses_again(searched_run, tmp_path):
     folder, config, _ = searched_run
     search = folder / "run" / "search"
     before = {p.name: p.stat().st_mtime_ns for p in search.iterdir() if p.is_file()}
     again = run_command(stage_command("search-exits", config))
     assert "nothing to do" in again.stdout and not losses_by_step(again.stdout)
     assert {p.name: p.stat().st_mtime_ns for p in search.iterdir() if p.is_file()} == before
-    other = run_command(stage_command("search-exits", config, "exits.count=1"))
+    shutil.copytree(search, tmp_path / "other" / "search")  # a copy: the run's own choice stays for the other tests
+    other_run = f"run.dir={tmp_path / 'other'}"
+    other = run_command(stage_command("search-exits", config, other_run, "exits.count=1"))
     assert not losses_by_step(other.stdout)  # chosen from scores.json: no training
-    assert len(json.loads((search / "result.json").read_text())["chosen"]) == 1
-    refused = run_command(stage_command("evaluate", config), check=False)  # the result no longer fits count 2
+    assert len(json.loads((tmp_path / "other" / "search" / "result.json").read_text())["chosen"]) == 1
+    refused = run_command(stage_command("evaluate", config, other_run), check=False)  # chosen for count 1, not 2
     assert refused.returncode == 2 and "chosen with other settings (count 1" in refused.stderr
-    run_command(stage_command("search-exits", config))  # back to count 2 for the other tests
 
 
 def test_deterministic_and_resumable_after_kills(searched_run, tmp_path, tracking_uri):
