@@ -72,8 +72,8 @@ def score_candidates(cfg: Config, lm, fingerprint: str, device: torch.device) ->
     first = model.depths[0]
     variants = [v for v in variants_of(model, []) if v.kind != "logit_lens" or v.depth == first]
     rows = score(model, [], variants, sequences, cfg.eval, device, f"{STAGE.name} quality")
-    layers_run = {"full": model.num_layers, "balcony": 1, "logit_lens": 0}  # beyond `depth`, but full: L
-    layers = [model.num_layers if r["kind"] == "full" else r["depth"] + layers_run[r["kind"]] for r in rows]
+    # layers each variant runs: an exit its depth plus its own layer, the lens its depth, the full model L
+    layers = [model.num_layers if r["kind"] == "full" else r["depth"] + (r["kind"] == "balcony") for r in rows]
     line = None
     if cfg.search.cost == "measured":
         prompt = sequences[:1, : cfg.eval.prompt_tokens].to(device)
