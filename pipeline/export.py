@@ -58,8 +58,9 @@ def export_exit(model: BalconyModel, depth: int, folder: Path, tokenizer, backbo
         raise InputError(f"export: exits of kind {model.kind!r} are not decoder layers; only Balcony exits "
                          "make a standalone checkpoint")
     folder = Path(folder)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # one writer per folder: these are a killed export's
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     view = model.view(depth)
     view.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

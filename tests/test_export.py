@@ -53,6 +53,9 @@ def test_export_is_deterministic_and_replaces_atomically(model, exported, tmp_pa
     tokenizer = load_tokenizer(ModelConfig(backbone=str(BACKBONE)))
     again = export_exit(model, 4, tmp_path / "exit-4", tokenizer, "smollm2-6-layers")
     assert tree_bytes(again) == tree_bytes(exported[4])
+    for killed in (".exit-4.tmp-999999", ".exit-4.old-999999"):  # what an export killed mid-way leaves
+        (tmp_path / killed).mkdir()
+        (tmp_path / killed / "model.safetensors").write_bytes(b"partial")
     export_exit(model, 4, again, tokenizer, "smollm2-6-layers")  # over an existing export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exit-4"]  # no temporary or old folder left
 
