@@ -65,6 +65,11 @@ def candidates_hash(cfg: Config) -> str:
     return dataclasses.replace(cfg, exits=exits).hash("data", "teacher", "exits", "train", "search")
 
 
+def choice_settings(cfg: Config) -> dict:
+    """What a choice (RUN/search/result.json) is made for: the candidates, and how many to keep."""
+    return {"candidates_hash": candidates_hash(cfg), "count": cfg.exits.count, "budgets": cfg.exits.budgets}
+
+
 def resolve_depths(cfg: Config) -> Config:
     """`cfg` itself, or with exits.depths auto, `cfg` with the depths search-exits chose (RUN/search/result.json)."""
     if cfg.exits.depths != AUTO:
@@ -73,7 +78,7 @@ def resolve_depths(cfg: Config) -> Config:
     if not path.exists():
         raise InputError(f"{path} not found: exits.depths is auto; run the search-exits stage first")
     result = json.loads(path.read_text())
-    asked = {"candidates_hash": candidates_hash(cfg), "count": cfg.exits.count, "budgets": cfg.exits.budgets}
+    asked = choice_settings(cfg)
     differ = [key for key, value in asked.items() if result.get(key) != value]
     if differ:
         raise InputError(f"{path}: chosen with other settings ({', '.join(f'{k} {result.get(k)!r}' for k in differ)}; "

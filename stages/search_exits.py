@@ -27,8 +27,8 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation import heldout_sequences, score, variants_of
 from pipeline.registry import SEARCH_EXITS, TOKENIZE
 from pipeline.report import search_plot, search_table
-from pipeline.search import (CANDIDATES, RESULT, SCORES, candidate_depths, candidates_config, candidates_hash, choose,
-                             latency_line, pareto_front, search_steps, served_kl)
+from pipeline.search import (CANDIDATES, RESULT, SCORES, candidate_depths, candidates_config, candidates_hash,
+                             choice_settings, choose, latency_line, pareto_front, search_steps, served_kl)
 from pipeline.shards import atomic_write, claim_directory
 from pipeline.stage import run_stage
 from pipeline.timing import decode_latency
@@ -95,7 +95,7 @@ def score_candidates(cfg: Config, lm, fingerprint: str, device: torch.device) ->
 
 def choose_depths(cfg: Config, out: Path, header: dict) -> None:
     """RUN/search/result.json for this config's exits.count / exits.budgets (chosen from scores.json)."""
-    asked = {"candidates_hash": header["candidates_hash"], "count": cfg.exits.count, "budgets": cfg.exits.budgets}
+    asked = choice_settings(cfg)
     if (out / RESULT).exists():
         result = json.loads((out / RESULT).read_text())
         if all(result.get(key) == value for key, value in asked.items()):
