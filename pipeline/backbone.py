@@ -99,6 +99,25 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     return lm.eval().to(device)
 
 
+def backbone_on_meta(model: ModelConfig):
+    """The backbone's architecture without its weights (on the meta device): what a plan counts.
+    Reads only config.json: a local folder, the hub cache, or the hub."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model.backbone, revision=model.revision or None,
+                                            trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.backbone: cannot read the config.json of {model.backbone!r} ({str(e).splitlines()[0]}); "
+                         "offline, point model.backbone at a folder holding it") from None
+    if model.num_layers:
+        config.num_hidden_layers = model.num_layers
+    with torch.device("meta"):
+        lm = text_decoder(AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code))
+    check_supported(lm)
+    return lm
+
+
 def _file_sha256_cached(path: Path) -> str:
     """sha256 of a weight file, cached by (path, size, mtime): an 8B model is 16 GB to hash."""
     cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "balcony" / "sha256.json"

@@ -392,6 +392,39 @@ class JobConfig:
 
 
 @dataclass
+class NodeConfig:
+    """What one node of the site has: the plan refuses requests beyond it (0 or empty: not checked)."""
+
+    cpus: int = _num(0, ge=0)
+    """CPU cores per node."""
+    memory: str = ""
+    """Host memory per node, e.g. "1000G" (what a job's mem "0" stands for)."""
+    gpus: int = _num(0, ge=0)
+    """GPUs per node."""
+    gpu_memory: str = ""
+    """Memory per GPU, e.g. "141G"."""
+    disk: str = ""
+    """Free space where run.dir lives, e.g. "50T"."""
+
+
+@dataclass
+class ThroughputConfig:
+    """Sustained rates per device (a GPU, or one process of a CPU-only job) that the plan divides work by.
+    Defaults: one H200 in bf16 (LLaMA-3-8B-shaped, README "Planning a run"); a CPU site gives its own."""
+
+    tokenize_tokens_per_s: float = _num(400_000.0, gt=0.0)
+    """Tokenize: tokens per second per CPU core of a task."""
+    teacher_flops: float = _num(4.9e14, gt=0.0)
+    """Teacher-logits: model FLOP/s of the backbone forward, head and top-k per device."""
+    train_flops: float = _num(4.75e14, gt=0.0)
+    """Search- and train-exits: model FLOP/s of the prefix forward and the exits' steps per device."""
+    evaluate_flops: float = _num(4.9e14, gt=0.0)
+    """Evaluate: model FLOP/s of its forwards (decode-speed measurements come on top)."""
+    network_bytes_per_s: float = _num(2.5e10, gt=0.0)
+    """ZeRO-3: bytes per second each device gathers the partitioned backbone at (between nodes)."""
+
+
+@dataclass
 class ClusterConfig:
     """configs/cluster/*.yaml: where and how jobs run; never edited inside the sbatch scripts."""
 
@@ -403,8 +436,9 @@ class ClusterConfig:
     """Shell run at the top of every job, e.g. "source .venv/bin/activate"."""
     slurm_conf: str = ""
     """SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default."""
-    array_tasks: int = _num(2, gt=0)
-    """Tasks of the array stages (tokenize, teacher-logits)."""
+    array_tasks: int = _num(2, ge=0)
+    """Tasks of the array stages (tokenize, teacher-logits); 0: as many as the plan needs to fit each task in
+    its time limit."""
     sbatch_args: list[str] = field(default_factory=list)
     """Anything else for sbatch, e.g. ["--qos=high"]."""
     tokenize: JobConfig = field(default_factory=JobConfig)
@@ -415,6 +449,13 @@ class ClusterConfig:
     """The train-exits job."""
     evaluate: JobConfig = field(default_factory=JobConfig)
     """The evaluate job."""
+    node: NodeConfig = field(default_factory=NodeConfig)
+    """What one node has (make plan checks requests against it)."""
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
+    """Rates per device the plan's wall times come from."""
+    requeue_grace_s: int = _num(300, ge=0)
+    """Seconds before a job's time limit at which SLURM signals it to stop at a safe point and requeue
+    itself (sbatch --signal); 0: no requeue."""
 
 
 # ---------------------------------------------------------------- loading

@@ -15,3 +15,11 @@ class ShardError(PipelineError):
 
 class InputError(PipelineError):
     """Missing or unusable input: a model, a tokenizer, a corpus too small for the budget."""
+
+
+class TimeLimit(Exception):
+    """The scheduler's warning before a job's time limit: the stage stops at a safe point, exits
+    REQUEUE_EXIT and its job is requeued (cluster/requeue.sh). Not a failure."""
+
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue the job on it

@@ -151,8 +151,10 @@ def slurm(cluster: ClusterConfig, *args: str) -> str:
     return proc.stdout
 
 
-def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[str], stages: list[str]) -> list[Job]:
-    """Submit the stages that are not complete, each `afterok` on the previous one submitted."""
+def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[str], stages: list[str],
+           array_tasks: dict[str, int]) -> list[Job]:
+    """Submit the stages that are not complete, each `afterok` on the previous one submitted;
+    `array_tasks`: the task count of each array stage (the plan's)."""
     logs = cfg.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     whole_chain = stages == chain(cfg)
@@ -165,19 +167,24 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     if whole_chain:
         open_parent(cfg)
     # sbatch exports the submitter's environment to the job: the parent run id, and these
-    os.environ.update(BALCONY_ENV_SETUP=cluster.env_setup, BALCONY_NUM_TASKS=str(cluster.array_tasks))
+    os.environ.update(BALCONY_ENV_SETUP=cluster.env_setup, BALCONY_ROOT=str(ROOT))
     jobs, previous = [], None
     for stage in stages:
         name = f"balcony-{stage}"
         args = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={os.getcwd()}", "--kill-on-invalid-dep=yes"]
+        if cluster.requeue_grace_s:  # the job's processes are told before the time limit; the script requeues
+            args += [f"--signal=USR1@{cluster.requeue_grace_s}", "--requeue", "--open-mode=append"]  # one log per task
         if previous:
             args.append(f"--dependency=afterok:{previous}")
         tasks = ""
         if stage in ("tokenize", "teacher-logits"):
-            tasks = ",".join(map(str, pending_tasks(cfg, stage, cluster.array_tasks)))
+            count = array_tasks[stage]
+            tasks = ",".join(map(str, pending_tasks(cfg, stage, count)))
             log = logs / f"{stage}-%A_%a.log"
             resources = cluster.tokenize if stage == "tokenize" else cluster.teacher
-            args += [f"--array={tasks}", f"--output={log}", *sbatch_resources(cluster, resources)]
+            # only the missing tasks may be resubmitted: the task count travels with the job
+            args += [f"--array={tasks}", f"--output={log}", f"--export=ALL,BALCONY_NUM_TASKS={count}",
+                     *sbatch_resources(cluster, resources)]
             script = "stage.sbatch"
         elif stage in DEEPSPEED_STAGES:
             log = logs / f"{stage}-%j.log"

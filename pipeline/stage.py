@@ -9,6 +9,7 @@ and writes the manifest when the last shard of the set is in.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,12 +17,34 @@ from pathlib import Path
 
 from pipeline.config import Config, load_config, reference_text
 from pipeline.distributed import resolve_task
-from pipeline.errors import PipelineError
+from pipeline.errors import REQUEUE_EXIT, PipelineError, TimeLimit
 from pipeline.shards import MANIFEST, claim_directory, completed_record, finalize_manifest, read_manifest
 from pipeline.tracking import Tracker, stage_run
 
 
-def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None) -> None:
+_time_limit_signalled = False
+
+
+def watch_time_limit(stop_at_once: bool) -> None:
+    """SLURM sends SIGUSR1 `requeue_grace_s` before the time limit (sbatch --signal). A stage whose work
+    commits shard by shard stops at once (`stop_at_once`: the shard under way is redone after the requeue);
+    training only records it and stops at the end of its step, after a checkpoint (time_limit_signalled)."""
+
+    def handler(signum, frame):
+        global _time_limit_signalled
+        _time_limit_signalled = True
+        if stop_at_once:
+            raise TimeLimit("signalled before the time limit")
+
+    signal.signal(signal.SIGUSR1, handler)
+
+
+def time_limit_signalled() -> bool:
+    return _time_limit_signalled
+
+
+def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None,
+              stop_at_once: bool = True) -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (YAML sections, or key.path=value overrides):\n" + reference_text())
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
@@ -31,12 +54,17 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
+    watch_time_limit(stop_at_once)
     try:
         cfg = load_config(args.config, args.overrides)
         body(cfg, resolve_task(args.task_index, args.num_tasks))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TimeLimit:
+        print(f"{Path(sys.argv[0]).stem}: stopped before the time limit; what was committed stays and the "
+              "requeued job resumes from it", file=sys.stderr, flush=True)
+        sys.exit(REQUEUE_EXIT)
 
 
 Shard = tuple[str, int]  # (split, index)

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config
+from pipeline.errors import TimeLimit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 PIPELINE_RUN = "BALCONY_PIPELINE_RUN"  # the parent run's id, set by stages/run_pipeline.py
@@ -149,6 +150,9 @@ def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] =
         mlflow.log_params(_flatten(cfg.to_dict()))
         try:
             yield Tracker(mlflow)
+        except TimeLimit:  # requeued: the pipeline goes on
+            mlflow.end_run(status="KILLED")
+            raise
         except BaseException:
             mlflow.end_run(status="FAILED")
             fail_pipeline(cfg)  # the pipeline failed with its stage

@@ -28,10 +28,11 @@ from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import CONFIG as EXITS_CONFIG
 from pipeline.balcony import WEIGHTS, BalconyModel
 from pipeline.config import Config, ConfigError
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TimeLimit
 from pipeline.losses import exit_losses
 from pipeline.registry import SEARCH_EXITS, TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS, Stage
 from pipeline.shards import atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest
+from pipeline.stage import time_limit_signalled
 from pipeline.targets import TargetFormat
 from pipeline.tracking import stage_run
 from pipeline.train_data import TrainBatches
@@ -214,8 +215,14 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
                                  "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
             if step in cfg.train.snapshots:
                 export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+            # SLURM's warning before the time limit (on any rank): checkpoint, and stop for the requeue
+            stopping = torch.tensor([float(time_limit_signalled())], device=device)
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stopping.item():
                 save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
+            if stopping.item() and step < total_steps:
+                dist.barrier()  # rank 0 has moved `latest`: no rank exits (and srun stops the others) before
+                raise TimeLimit(f"{stage.name} ({name}): stopped at step {step} of {total_steps}, checkpointed")
         export(model, out, fingerprint, rank, trained(step))
         if rank == 0:
             tracker.artifact(out / EXITS_CONFIG)

@@ -3,9 +3,11 @@
     python stages/run_pipeline.py --config configs/demo.yaml [key.path=value ...]
     python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml [--wait]
     python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml --status
+    python stages/run_pipeline.py --config C --cluster configs/cluster/example-gpu.yaml --plan
     python stages/run_pipeline.py --config C --stages teacher-logits        # one stage
 
-The full chain opens one MLflow parent run that every stage run nests under.
+The full chain opens one MLflow parent run that every stage run nests under. Before submitting,
+the plan (pipeline/plan.py) is printed, and a chain that cannot fit the site is refused.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from pipeline import launch
 from pipeline.config import load_cluster_config, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.plan import make_plan, plan_table
 from pipeline.tracking import fail_pipeline
 
 
@@ -29,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="in place: train-exits processes (GPUs, or CPU ranks)")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait for the jobs and fail if one fails")
     parser.add_argument("--status", action="store_true", help="SLURM: show the last submitted jobs of run.dir")
+    parser.add_argument("--plan", action="store_true",
+                        help="SLURM: print what the chain costs on the --cluster site and whether it fits; submit nothing")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
     try:
@@ -39,17 +44,23 @@ def main(argv=None) -> int:
             raise PipelineError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(launch.STAGES)})")
         stages = [s for s in launch.STAGES if s in stages]  # always in pipeline order
         if args.cluster is None:
-            if args.status or args.wait:
-                raise PipelineError("--status / --wait: need --cluster (CLUSTER=slurm)")
+            if args.status or args.wait or args.plan:
+                raise PipelineError("--status / --wait / --plan: need --cluster (CLUSTER=slurm)")
             launch.run_in_place(cfg, args.config.resolve(), args.overrides, stages, args.nproc)
             return 0
         cluster = load_cluster_config(args.cluster)
-        jobs = launch.load_jobs(cfg) if args.status else launch.submit(cfg, cluster, args.config.resolve(),
-                                                                       args.overrides, stages)
         if args.status:
-            lines, _, failed = launch.status(cluster, jobs)
+            lines, _, failed = launch.status(cluster, launch.load_jobs(cfg))
             print("\n".join(lines) or "no jobs")
             return 1 if failed else 0
+        plan = make_plan(cfg, cluster, stages, site=str(args.cluster))
+        print(f"plan: {args.config} on {args.cluster}\n{plan_table(plan, cfg, cluster)}\n", flush=True)
+        if plan.problems:
+            raise ConfigError(plan.problems[0] + (f" (and {len(plan.problems) - 1} more above)" if len(plan.problems) > 1 else ""))
+        if args.plan:
+            return 0
+        array_tasks = {stage: plan.tasks(stage) for stage in stages}
+        jobs = launch.submit(cfg, cluster, args.config.resolve(), args.overrides, stages, array_tasks)
         print(f"pipeline: jobs {' '.join(j.job_id for j in jobs) or '(none: all complete)'}; "
               f"logs in {cfg.run_dir / 'logs'}; `make status` shows them")
         if args.wait and jobs and not launch.wait(cluster, jobs):

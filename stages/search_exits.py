@@ -127,4 +127,4 @@ def choose_depths(cfg: Config, out: Path, header: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], run)
+    run_stage(__doc__.splitlines()[0], run, stop_at_once=False)  # stops after a step, checkpointed

@@ -143,3 +143,39 @@ def test_auto_depths_on_slurm(cluster, tmp_path, tracking_uri):
     assert json.loads((run / "eval/metrics.json").read_text())["depths"] == chosen
     rerun = launch(config, "--cluster", str(cluster))
     assert rerun.stdout.count("is complete") == 5 and "(none: all complete)" in rerun.stdout
+
+
+def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
+    """A teacher-logits task stopped by its time limit (SLURM signals it requeue_grace_s before) is
+    requeued, resumes from its committed shards and finishes; the dependent train-exits job waits for
+    it, then runs; the shards are byte-identical to an uninterrupted run's. To keep the test short, it
+    lifts the requeued task's time limit and SLURM's start delay for requeued jobs (~2 minutes)."""
+    from pipeline.config import load_cluster_config, load_config
+    from pipeline.launch import load_jobs, slurm, wait
+
+    site = yaml.safe_load(cluster.read_text())
+    site.update(array_tasks=1, requeue_grace_s=50, teacher={"mem": "2G", "time": "1"})  # signalled 10-40 s in
+    limited = tmp_path / "limited.yaml"
+    limited.write_text(yaml.safe_dump(site))
+    data = {"budget_tokens": 24576}  # ~40 s of teacher work here: past the signal, shard by shard
+    config = _config(tmp_path, tracking_uri, "requeue", data=data, teacher={"k": 8})
+    launch(config, "--stages", "tokenize")
+    launch(config, "--stages", "teacher-logits,train-exits", "--cluster", str(limited))
+    sites = load_cluster_config(limited)
+    teacher, train = load_jobs(load_config(config))
+    task = f"{teacher.job_id}_0"
+    deadline = time.monotonic() + 300
+    while "Restarts=0" in (state := slurm(sites, "scontrol", "show", "job", "-o", task)):
+        assert "JobState=COMPLETED" not in state and time.monotonic() < deadline, state
+        time.sleep(2)
+    slurm(sites, "scontrol", "update", f"JobId={task}", "TimeLimit=10", "StartTime=now")
+    assert wait(sites, [teacher, train])
+    log = Path(teacher.log.replace("%a", "0")).read_text()
+    assert "stopped before the time limit" in log and "requeued (restart 1)" in log, log[-3000:]
+    resumed = re.search(r"task 0/1: (\d+) of 13 shards to write", log.split("requeued (restart 1)")[1])
+    assert resumed and int(resumed[1]) < 13, log[-3000:]  # the shards committed before the signal were kept
+    assert "step 3/3" in Path(train.log).read_text()
+
+    reference = _config(tmp_path, tracking_uri, "uninterrupted", data=data, teacher={"k": 8})
+    launch(reference, "--stages", "tokenize,teacher-logits")
+    assert tree_bytes(tmp_path / "requeue" / "teacher") == tree_bytes(tmp_path / "uninterrupted" / "teacher")

@@ -1,0 +1,395 @@
+"""`make plan`: what the chain costs on a site, and whether it fits, before anything is queued.
+
+Per stage: tokens, model FLOPs (counted on the backbone's own architecture, built without its
+weights), wall time per task from the site's throughput per device, array tasks, device-hours,
+bytes written, and memory per device of the jobs that hold the backbone. A chain that cannot fit
+(a task past its time limit, memory past a node's, output past the disk) is refused with one line
+naming the setting to change.
+
+FLOPs per token, forward, 2 per multiply-add: a layer costs 2 x its parameters plus causal
+attention, 2 x seq_len x attention width (QK^T and AV over seq_len / 2 positions on average;
+sliding windows are counted as full, so long-context estimates err high); the head 2 x its
+parameters. Training an exit costs 3x its layer's forward (forward; backward for inputs and
+weights) and 2x the head (forward; input gradient only, it is frozen) on train.loss_positions of
+the positions; the prefix up to the deepest exit runs forward only.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from pipeline.config import AUTO, ClusterConfig, Config, JobConfig
+from pipeline.corpus import plan_shards
+from pipeline.errors import ConfigError
+from pipeline.registry import EVALUATE, SEARCH_EXITS, TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
+from pipeline.targets import TargetFormat
+
+FIT = 0.8  # share of a time limit a task may plan to use: the rest absorbs startup and the estimate's error
+GIB = 1 << 30
+GPU_RUNTIME = 2 * GIB  # CUDA context and allocator slack per GPU
+TOKEN_BYTES = 4  # int32 token ids in the shards
+
+
+# ---------------------------------------------------------------- sizes and times as SLURM writes them
+
+
+def parse_bytes(text: str, key: str) -> int:
+    """SLURM sizes: "64G", "900M", "2T", a bare number in megabytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", text.strip().upper())
+    if not match:
+        raise ConfigError(f"{key}: {text!r} is not a size like 64G or 900M")
+    return int(float(match[1]) * 1024 ** "KMGT".index(match[2] or "M") * 1024)
+
+
+def parse_time(text: str, key: str) -> int:
+    """SLURM time limits in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = text.strip().rpartition("-")
+    parts = rest.split(":")
+    if not all(p.isdigit() for p in parts) or (days and not days.isdigit()) or not 1 <= len(parts) <= 3:
+        raise ConfigError(f"{key}: {text!r} is not a time limit like 04:00:00 or 2-00:00:00")
+    numbers = [int(p) for p in parts]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (numbers + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    m, s = numbers if len(numbers) == 2 else (numbers[0], 0) if len(numbers) == 1 else (None, None)
+    if m is None:
+        h, m, s = numbers
+        return (h * 60 + m) * 60 + s
+    return m * 60 + s
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, prefix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{prefix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def size(n: float) -> str:
+    """Bytes in SLURM's binary units (its "64G" is 64 GiB)."""
+    for power, prefix in ((5, "Pi"), (4, "Ti"), (3, "Gi"), (2, "Mi"), (1, "Ki")):
+        if n >= 1024**power:
+            return f"{n / 1024**power:.3g} {prefix}B"
+    return f"{n:.0f} B"
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+# ---------------------------------------------------------------- the backbone, counted
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    layer_params: tuple[int, ...]  # per decoder layer
+    hidden: int
+    attention_width: int  # heads x head_dim
+    vocab: int
+    head_params: int
+    total_params: int
+    dtype_bytes: int  # of the weights as the stages load them
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_params)
+
+    def layer_flops(self, index: int, seq_len: int) -> float:
+        return 2 * self.layer_params[index] + 2 * seq_len * self.attention_width
+
+    def prefix_flops(self, depth: int, seq_len: int) -> float:
+        return sum(self.layer_flops(i, seq_len) for i in range(depth))
+
+    def prefix_params(self, depth: int) -> int:
+        return sum(self.layer_params[:depth])
+
+    @property
+    def head_flops(self) -> float:
+        return 2 * self.head_params
+
+
+def architecture(cfg: Config, gpu: bool) -> Architecture:
+    import torch
+
+    from pipeline.backbone import backbone_on_meta, resolve_dtype
+    from pipeline.decoder import Decoder
+
+    lm = backbone_on_meta(cfg.model)
+    decoder = Decoder(lm)
+    config = decoder.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = resolve_dtype(cfg.model, torch.device("cuda" if gpu else "cpu"))
+    return Architecture(
+        name=f"{type(lm).__name__} ({cfg.model.backbone})",
+        layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
+        hidden=config.hidden_size, attention_width=config.num_attention_heads * head_dim,
+        vocab=lm.lm_head.weight.shape[0], head_params=lm.lm_head.weight.numel(),
+        total_params=sum(p.numel() for p in lm.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    job: JobConfig
+    tokens: int
+    flops_per_token: float
+    tasks: int  # array tasks; 1 for a single job
+    devices: int  # per task: GPUs, or processes of a CPU-only job
+    wall_s: float  # per task
+    bytes_written: int
+    memory: dict[str, float] = field(default_factory=dict)  # per device, by part
+    comm_s: float = 0.0  # ZeRO-3 gathers, overlapped with compute (wall is the larger)
+    note: str = ""
+
+    @property
+    def flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+    @property
+    def device_hours(self) -> float:
+        return self.wall_s * self.tasks * self.devices / 3600
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    stages: list[StagePlan]
+    problems: list[str]  # each one line naming the setting to change
+
+    def tasks(self, stage: str) -> int:
+        return next((s.tasks for s in self.stages if s.stage == stage), 1)
+
+
+def exit_flops(arch: Architecture, kind: str, seq_len: int) -> float:
+    """One exit's forward: a decoder layer (a copy of the last), or a tuned lens's affine map."""
+    return 2 * arch.hidden * (arch.hidden + 1) if kind == "tuned_lens" else arch.layer_flops(arch.layers - 1, seq_len)
+
+
+def train_flops_per_token(arch: Architecture, depths: list[int], kind: str, seq_len: int, loss_share: float,
+                          online: bool) -> float:
+    deepest = max(depths)
+    flops = arch.prefix_flops(deepest, seq_len) + len(depths) * (
+        3 * exit_flops(arch, kind, seq_len) + 2 * arch.head_flops * loss_share)
+    if online:  # the rest of the full forward and its head, every step
+        flops += arch.prefix_flops(arch.layers, seq_len) - arch.prefix_flops(deepest, seq_len) + arch.head_flops
+    return flops
+
+
+def planned_depths(cfg: Config, arch: Architecture) -> list[int]:
+    """The exits' depths; with auto, the deepest candidates stand in (the search has not chosen yet)."""
+    if cfg.exits.depths != AUTO:
+        return cfg.exits.depths
+    from pipeline.search import candidate_depths
+
+    candidates = candidate_depths(cfg, arch.layers)
+    return candidates[-(cfg.exits.count or len(candidates)):]
+
+
+def trained_params(arch: Architecture, kind: str, exits: int) -> int:
+    return (arch.hidden * (arch.hidden + 1) if kind == "tuned_lens" else arch.layer_params[-1]) * exits
+
+
+STATE_BYTES = 16  # per trained parameter: weights, gradients and AdamW states (bf16: + an fp32 master copy)
+
+
+def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world: int, gpu: bool) -> dict[str, float]:
+    """Peak memory of one training rank, by part: the frozen backbone (a 1/world share under ZeRO-3, plus
+    the gathered layer in use, the next one prefetched and the head), the exits' weights, gradients and
+    AdamW states by ZeRO stage, the activations the exit layers keep for backward, one loss chunk, and
+    one prefix layer's intermediates."""
+    b, zero, n = arch.dtype_bytes, cfg.train.zero_stage, len(depths)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    exit_params = trained_params(arch, cfg.exits.kind, n)
+    bf16 = gpu if cfg.train.precision == "auto" else cfg.train.precision == "bf16"
+    param, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)  # bf16: fp32 master + AdamW m, v
+    per_token_layer = arch.layer_params[-1] / arch.hidden  # ~ width of a layer's intermediates
+    return {
+        "backbone": arch.total_params * b / (world if zero == 3 else 1)
+                    + ((2 * max(arch.layer_params) + arch.head_params) * b if zero == 3 else 0),
+        "exit states": exit_params * (param / (world if zero >= 3 else 1) + grad / (world if zero >= 2 else 1)
+                                      + optim / (world if zero >= 1 else 1)),
+        "activations": tokens * n * b * (4 / 3 * per_token_layer + 6 * arch.hidden),
+        "loss chunk": cfg.train.chunk_size * arch.vocab * (b + 12),  # logits; fp32 log-softmax, target, gradient
+        "prefix": tokens * per_token_layer * b,
+        **({"runtime": GPU_RUNTIME} if gpu else {}),
+    }
+
+
+def teacher_memory(arch: Architecture, cfg: Config, gpu: bool) -> dict[str, float]:
+    b = arch.dtype_bytes
+    return {"backbone": arch.total_params * b,
+            "activations": cfg.teacher.batch_size * cfg.data.seq_len * max(arch.layer_params) / arch.hidden * b,
+            "head chunk": cfg.teacher.chunk_size * arch.vocab * (b + 12),
+            **({"runtime": GPU_RUNTIME} if gpu else {})}
+
+
+def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str = "the site config") -> Plan:
+    """The plan of `stages` (names, in chain order) on `cluster`; problems are collected, not raised."""
+    gpu = cluster.teacher.gpus_per_node > 0 or cluster.train.gpus_per_node > 0
+    arch = architecture(cfg, gpu)
+    rate, seq = cluster.throughput, cfg.data.seq_len
+    specs = plan_shards(cfg.data)
+    tokens = cfg.data.total_tokens + cfg.data.heldout_tokens
+    depths = planned_depths(cfg, arch)
+    world = cluster.train.nodes * cluster.train.tasks_per_node
+    problems: list[str] = []
+    plans: list[StagePlan] = []
+
+    def array(stage: str, job: JobConfig, key: str, seconds_per_token: float, flops: float, written: int) -> StagePlan:
+        """An array stage: tasks sized to fit the time limit (array_tasks 0) or checked against it. A task
+        writes whole shards (task i: shards i::N), so its time is that of its share of shards."""
+        total_s = tokens * seconds_per_token
+        limit = parse_time(job.time, f"{key}.time")
+        tasks = cluster.array_tasks or min(len(specs), max(1, math.ceil(total_s / (limit * FIT))))
+        wall = math.ceil(len(specs) / tasks) * cfg.data.sequences_per_shard * seq * seconds_per_token
+        if wall > limit * FIT:
+            need = math.ceil(total_s / (limit * FIT))
+            problems.append(
+                f"{site}: {key}.time: each of {tasks} {stage} tasks needs ~{hours(wall)}, over {FIT:.0%} of its "
+                f"{job.time} limit; " + (f"set array_tasks to {need} or more (0: sized by the plan) or raise {key}.time"
+                                         if need <= len(specs) else
+                                         f"the {len(specs)} shards cannot be split further: lower data.sequences_per_shard "
+                                         f"or raise {key}.time"))
+        return StagePlan(stage, job, tokens, flops, tasks, max(1, job.gpus_per_node), wall, written)
+
+    if TOKENIZE.name in stages:
+        plans.append(array(TOKENIZE.name, cluster.tokenize, "tokenize",
+                           1 / (rate.tokenize_tokens_per_s * cluster.tokenize.cpus_per_task), 0.0, tokens * TOKEN_BYTES))
+        plans[-1].note = "every task reads the whole source (routing needs each document); the time is tokenizing"
+    if TEACHER_LOGITS.name in stages and cfg.reads_cached_targets():
+        fmt = TargetFormat(cfg.teacher, arch.vocab)
+        flops = arch.prefix_flops(arch.layers, seq) + arch.head_flops
+        teacher = array(TEACHER_LOGITS.name, cluster.teacher, "teacher", flops / rate.teacher_flops, flops,
+                        tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
+        teacher.memory = teacher_memory(arch, cfg, gpu)
+        plans.append(teacher)
+
+    def training(stage: str, runs: list[tuple[list[int], str, float, bool]], train_tokens: int) -> StagePlan:
+        job = cluster.train
+        flops = sum(train_flops_per_token(arch, d, kind, seq, share, online) for d, kind, share, online in runs)
+        compute = train_tokens * flops / (world * rate.train_flops)
+        # ZeRO-3: each rank gathers the backbone's prefix once per micro-batch
+        gathered = arch.prefix_params(max(depths)) * arch.dtype_bytes * len(runs)
+        comm = (train_tokens / world / (cfg.train.micro_batch_size * seq) * gathered / rate.network_bytes_per_s
+                if cfg.train.zero_stage == 3 and world > 1 else 0.0)
+        plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
+                         memory=memory_per_device(arch, cfg, depths, world, gpu))
+        limit = parse_time(job.time, "train.time")
+        if plan.wall_s > limit * FIT:
+            if not cluster.requeue_grace_s:
+                problems.append(f"{site}: train.time: {stage} needs ~{hours(plan.wall_s)} on {world} devices, over "
+                                f"{FIT:.0%} of its {job.time} limit, and requeue_grace_s is 0; raise train.time or "
+                                "train.nodes, or let it requeue (requeue_grace_s > 0)")
+            else:
+                plan.note = f"~{math.ceil(plan.wall_s / (limit * FIT)) - 1} requeues at the time limit, each resuming its checkpoint"
+            step_s = plan.wall_s / max(1, train_tokens // cfg.train.tokens_per_step)
+            if step_s * cfg.train.checkpoint_every > limit * FIT:
+                problems.append(f"{site}: train.checkpoint_every: {cfg.train.checkpoint_every} steps take "
+                                f"~{hours(step_s * cfg.train.checkpoint_every)}, past {FIT:.0%} of the {job.time} limit: "
+                                "a requeued job would never reach a checkpoint; lower it")
+        return plan
+
+    kinds = [(c.exits.kind, c.train.loss_positions, c.train.online_teacher or c.train.objective == "ce")
+             for _, c, _ in cfg.exit_runs()]
+    if SEARCH_EXITS.name in stages:
+        from pipeline.search import candidate_depths
+
+        candidates = candidate_depths(cfg, arch.layers)
+        plans.append(training(SEARCH_EXITS.name, [(candidates, cfg.exits.kind, cfg.search.loss_positions, kinds[0][2])],
+                              cfg.search.tokens))
+    if TRAIN_EXITS.name in stages:
+        plans.append(training(TRAIN_EXITS.name, [(depths, *k) for k in kinds], cfg.data.total_tokens))
+        checkpoint = trained_params(arch, cfg.exits.kind, len(depths)) * STATE_BYTES
+        plans[-1].bytes_written = checkpoint * cfg.train.keep_checkpoints
+    if EVALUATE.name in stages:
+        scored = cfg.data.heldout_tokens + len(cfg.eval.data) * cfg.eval.data_tokens
+        per_token = (arch.prefix_flops(arch.layers, seq) + arch.head_flops
+                     + len(depths) * (len(kinds) * (exit_flops(arch, "balcony", seq) + arch.head_flops) + arch.head_flops))
+        plans.append(StagePlan(EVALUATE.name, cluster.evaluate, scored, per_token, 1, max(1, cluster.evaluate.gpus_per_node),
+                               scored * per_token / rate.evaluate_flops, 0,
+                               note="+ decode-speed measurements (eval.speed)" if cfg.eval.speed else ""))
+
+    problems += resource_problems(cluster, plans, arch, site, gpu)
+    return Plan(arch, plans, problems)
+
+
+def resource_problems(cluster: ClusterConfig, plans: list[StagePlan], arch: Architecture, site: str, gpu: bool) -> list[str]:
+    """Requests a node cannot grant, memory a device or node cannot hold, output the disk cannot take."""
+    node, problems = cluster.node, []
+    key_of = {TOKENIZE.name: "tokenize", TEACHER_LOGITS.name: "teacher", SEARCH_EXITS.name: "train",
+              TRAIN_EXITS.name: "train", EVALUATE.name: "evaluate"}
+    node_memory = parse_bytes(node.memory, "node.memory") if node.memory else 0
+    for plan in plans:
+        key, job = key_of[plan.stage], plan.job
+        if node.gpus and job.gpus_per_node > node.gpus:
+            problems.append(f"{site}: {key}.gpus_per_node: {job.gpus_per_node} is more than a node's {node.gpus} (node.gpus)")
+        if node.cpus and job.tasks_per_node * job.cpus_per_task > node.cpus:
+            problems.append(f"{site}: {key}.cpus_per_task: {job.tasks_per_node} x {job.cpus_per_task} cores is more than "
+                            f"a node's {node.cpus} (node.cpus)")
+        asked = parse_bytes(job.mem, f"{key}.mem") if job.mem.strip() != "0" else node_memory
+        if node_memory and asked > node_memory:
+            problems.append(f"{site}: {key}.mem: {job.mem} is more than a node's {node.memory} (node.memory); lower it")
+        if not plan.memory:
+            continue
+        per_device = sum(plan.memory.values())
+        if gpu:
+            limit = parse_bytes(node.gpu_memory, "node.gpu_memory") if node.gpu_memory else 0
+            host = job.tasks_per_node * arch.total_params * arch.dtype_bytes  # each rank loads the backbone on the host
+            if asked and host > asked:
+                problems.append(f"{site}: {key}.mem: {job.tasks_per_node} processes each load the {size(host / job.tasks_per_node)} "
+                                f"backbone on the host, more than {job.mem}; raise it (\"0\": the whole node)")
+        else:  # a CPU-only job: a rank's share of the node's memory is its device memory
+            limit = asked / job.tasks_per_node if asked else 0
+        if limit and per_device > limit:
+            biggest = max(plan.memory, key=plan.memory.get)
+            knob = {"backbone": "train.zero_stage (3 shards the backbone)", "activations": "train.micro_batch_size",
+                    "loss chunk": "train.chunk_size", "head chunk": "teacher.chunk_size",
+                    "exit states": "train.zero_stage", "prefix": "train.micro_batch_size"}.get(biggest, f"{key}.mem")
+            if plan.stage == TEACHER_LOGITS.name and biggest == "activations":
+                knob = "teacher.batch_size"
+            problems.append(f"{site}: {plan.stage} needs ~{size(per_device)} per device, more than its "
+                            f"{size(limit)}; the largest part is {biggest} ({size(plan.memory[biggest])}): lower {knob}")
+    if node.disk:
+        written = sum(p.bytes_written for p in plans)
+        if written > parse_bytes(node.disk, "node.disk"):
+            problems.append(f"{site}: node.disk: the run writes ~{size(written)}, more than the {node.disk} free; "
+                            "lower data.budget_tokens or teacher.k, or free space")
+    return problems
+
+
+def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
+    arch, lines = plan.arch, []
+    lines.append(f"backbone: {arch.name}: {arch.layers} layers, hidden {arch.hidden}, vocabulary {arch.vocab:,}, "
+                 f"{arch.total_params / 1e9:.2f}B parameters ({arch.dtype_bytes} bytes each)")
+    lines.append(f"data: {cfg.data.total_tokens:,} train + {cfg.data.heldout_tokens:,} held-out tokens, "
+                 f"{len(plan_shards(cfg.data)):,} shards of {cfg.data.sequences_per_shard} x {cfg.data.seq_len}")
+    lines.append("")
+    lines.append("| stage | tokens | FLOP/token | FLOPs | tasks x devices | wall per task | limit | device-hours | written |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for s in plan.stages:
+        device = "GPU" if s.job.gpus_per_node else ("CPU task" if s.stage != TOKENIZE.name else f"task of {s.job.cpus_per_task} cores")
+        lines.append(f"| {s.stage} | {human(s.tokens)} | {human(s.flops_per_token) if s.flops_per_token else '-'} | "
+                     f"{human(s.flops) if s.flops_per_token else '-'} | {s.tasks} x {s.devices} {device} | {hours(s.wall_s)} | "
+                     f"{s.job.time} | {s.device_hours:,.1f} | {size(s.bytes_written) if s.bytes_written else '-'} |")
+    lines.append("")
+    for s in plan.stages:
+        if s.memory:
+            parts = ", ".join(f"{k} {size(v)}" for k, v in s.memory.items())
+            lines.append(f"{s.stage}: memory per device ~{size(sum(s.memory.values()))} ({parts})")
+        if s.comm_s:
+            lines.append(f"{s.stage}: ZeRO-3 gathers ~{hours(s.comm_s)} at {human(cluster.throughput.network_bytes_per_s)}B/s, "
+                         f"overlapped with ~{hours(s.tokens * s.flops_per_token / (s.devices * cluster.throughput.train_flops))} of compute")
+        if s.note:
+            lines.append(f"{s.stage}: {s.note}")
+    total = sum(s.device_hours for s in plan.stages if s.job.gpus_per_node)
+    if total:
+        lines.append(f"GPU-hours in all: {total:,.0f}")
+    lines.append("")
+    lines += [f"does not fit: {p}" for p in plan.problems] or ["fits: every task within its time limit, "
+                                                            "memory and requests within a node"]
+    return "\n".join(lines)
