@@ -243,17 +243,18 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
     def array(stage: str, job: JobConfig, key: str, seconds_per_token: float, flops: float, written: int) -> StagePlan:
         """An array stage: tasks sized to fit the time limit (array_tasks 0) or checked against it. A task
         writes whole shards (task i: shards i::N), so its time is that of its share of shards."""
-        total_s = tokens * seconds_per_token
         limit = parse_time(job.time, f"{key}.time")
-        tasks = cluster.array_tasks or min(len(specs), max(1, math.ceil(total_s / (limit * FIT))))
-        wall = math.ceil(len(specs) / tasks) * cfg.data.sequences_per_shard * seq * seconds_per_token
+        shard_s = cfg.data.sequences_per_shard * seq * seconds_per_token
+        per_task = max(1, int(limit * FIT // shard_s))  # shards one task can write in time
+        tasks = cluster.array_tasks or min(len(specs), math.ceil(len(specs) / per_task))
+        wall = math.ceil(len(specs) / tasks) * shard_s
         if wall > limit * FIT:
-            need = math.ceil(total_s / (limit * FIT))
+            need = math.ceil(len(specs) / per_task)
             problems.append(
                 f"{site}: {key}.time: each of {tasks} {stage} tasks needs ~{hours(wall)}, over {FIT:.0%} of its "
                 f"{job.time} limit; " + (f"set array_tasks to {need} or more (0: sized by the plan) or raise {key}.time"
-                                         if need <= len(specs) else
-                                         f"the {len(specs)} shards cannot be split further: lower data.sequences_per_shard "
+                                         if shard_s <= limit * FIT else
+                                         f"one shard takes ~{hours(shard_s)}: lower data.sequences_per_shard "
                                          f"or raise {key}.time"))
         return StagePlan(stage, job, tokens, flops, tasks, max(1, job.gpus_per_node), wall, written)
 

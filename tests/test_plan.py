@@ -1,0 +1,136 @@
+"""`make plan`: the paper's recipe on the example GPU site, checked against the closed-form arithmetic
+of a LLaMA-3-8B (its published config.json, tests/data/llama3-8b-config), and sites that cannot hold
+it refused with the setting to change named."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from pipeline.config import ClusterConfig, JobConfig, load_cluster_config, load_config
+from pipeline.errors import ConfigError
+from pipeline.launch import chain
+from pipeline.plan import FIT, make_plan, parse_bytes, parse_time
+
+LLAMA = str(ROOT / "tests/data/llama3-8b-config")
+SITE = ROOT / "configs/cluster/example-gpu.yaml"
+
+# LLaMA-3-8B by hand: d 4096, 32 layers, GQA 32 heads / 8 KV heads of 128, MLP 14336, vocabulary 128256
+D, LAYERS, MLP, KV, VOCAB, SEQ = 4096, 32, 14336, 1024, 128256, 4096
+LAYER = D * (D + KV + KV + D) + 3 * D * MLP + 2 * D  # q, k, v, o; gate, up, down; two RMSNorms
+LAYER_FWD = 2 * LAYER + 2 * SEQ * D  # + causal attention: QK^T and AV over seq/2 positions on average
+HEAD = 2 * D * VOCAB
+
+
+def paper(*overrides: str):
+    return load_config(ROOT / "configs/llama3-8b.yaml", [f"model.backbone={LLAMA}", *overrides])
+
+
+def site(**changes) -> ClusterConfig:
+    cluster = load_cluster_config(SITE)
+    for key, value in changes.items():
+        setattr(cluster, key, value)
+    return cluster
+
+
+def stage(plan, name):
+    return next(s for s in plan.stages if s.stage == name)
+
+
+def test_paper_recipe_fits_the_example_site_with_the_arithmetic_by_hand():
+    cfg, cluster = paper(), site()
+    plan = make_plan(cfg, cluster, chain(cfg))
+    assert plan.problems == []
+    assert plan.arch.total_params == 8_030_261_248 and plan.arch.layer_params[0] == LAYER
+
+    teacher = stage(plan, "teacher-logits")
+    assert teacher.flops_per_token == LAYERS * LAYER_FWD + HEAD  # ~16.1 GFLOP per token
+    tokens = 31_500_000_000 + 4_194_304
+    hours = tokens * teacher.flops_per_token / cluster.throughput.teacher_flops / 3600
+    assert teacher.device_hours == pytest.approx(hours, rel=0.01)  # ~287 H200-hours, as the anchors say
+    shards = math.ceil(31_500_000_000 / (512 * SEQ)) + 2
+    assert teacher.tasks == math.ceil(hours / (4 * FIT))  # 90 tasks of a 4-hour limit
+    assert teacher.wall_s <= 4 * 3600 * FIT and teacher.tasks <= shards
+
+    train = stage(plan, "train-exits")  # prefix to 21, three exits of 3 layer-forwards + head forward and backward
+    assert train.flops_per_token == 21 * LAYER_FWD + 3 * (3 * LAYER_FWD + 2 * HEAD)
+    assert train.wall_s == pytest.approx(31.5e9 * train.flops_per_token / (16 * cluster.throughput.train_flops))
+    memory = train.memory
+    assert memory["backbone"] == pytest.approx((8_030_261_248 / 16 + 2 * LAYER + D * VOCAB) * 2)  # ZeRO-3 share
+    assert memory["exit states"] == pytest.approx(3 * LAYER * 16 / 16)  # all 16 bytes per parameter partitioned
+    assert sum(memory.values()) < 141 * 2**30
+
+
+def test_array_size_follows_the_time_limit():
+    cfg = paper()
+    short = make_plan(cfg, site(teacher=JobConfig(gpus_per_node=1, mem="64G", time="02:00:00")), chain(cfg))
+    long = make_plan(cfg, site(teacher=JobConfig(gpus_per_node=1, mem="64G", time="08:00:00")), chain(cfg))
+    assert short.problems == long.problems == []
+    assert stage(short, "teacher-logits").tasks == pytest.approx(4 * stage(long, "teacher-logits").tasks, abs=4)
+
+
+@pytest.mark.parametrize("change, knob", [
+    ({"array_tasks": 16}, "set array_tasks to 90 or more"),  # the shipped array size of before: 18 h a task
+    ({"teacher": JobConfig(gpus_per_node=1, mem="64G", time="00:01:00")}, "lower data.sequences_per_shard"),
+    ({"teacher": JobConfig(gpus_per_node=1, mem="3000G", time="04:00:00")}, "teacher.mem: 3000G is more than a node's 2000G"),
+    ({"train": JobConfig(nodes=2, tasks_per_node=8, gpus_per_node=8, mem="64G", time="48:00:00")}, "train.mem: 8 processes each load"),
+    ({"train": JobConfig(nodes=2, tasks_per_node=8, cpus_per_task=16, gpus_per_node=8, mem="0", time="48:00:00")},
+     "train.cpus_per_task: 8 x 16 cores"),
+    ({"train": JobConfig(nodes=1, tasks_per_node=8, gpus_per_node=8, mem="0", time="12:00:00"), "requeue_grace_s": 0},
+     "train.time: train-exits needs ~47.0 h"),
+])
+def test_infeasible_sites_are_refused_with_the_knob_named(change, knob):
+    cfg = paper()
+    plan = make_plan(cfg, site(**change), chain(cfg), site="example-gpu.yaml")
+    assert any(knob in p for p in plan.problems), plan.problems
+
+
+def test_memory_and_disk_refusals():
+    cfg = paper("train.micro_batch_size=64")
+    plan = make_plan(cfg, site(), chain(cfg))
+    assert any("largest part is activations" in p and "lower train.micro_batch_size" in p for p in plan.problems)
+    cfg = paper("train.zero_stage=0", "train.micro_batch_size=1")  # an 8B backbone and its exits on every GPU
+    small_gpus = site()
+    small_gpus.node.gpu_memory = "24G"
+    plan = make_plan(cfg, small_gpus, chain(cfg))
+    assert any("largest part is backbone" in p and "train.zero_stage (3 shards the backbone)" in p for p in plan.problems)
+    small_disk = site()
+    small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
+    assert any(p.endswith("lower data.budget_tokens or teacher.k, or free space") for p in
+               make_plan(paper(), small_disk, chain(paper())).problems)
+
+
+def test_requeue_lets_training_span_time_limits_but_not_a_checkpoint_interval():
+    cfg = paper()
+    one_node = JobConfig(nodes=1, tasks_per_node=8, gpus_per_node=8, mem="0", time="12:00:00")
+    plan = make_plan(cfg, site(train=one_node), chain(cfg))
+    assert plan.problems == [] and "requeues at the time limit" in stage(plan, "train-exits").note
+    plan = make_plan(paper("train.checkpoint_every=20000"), site(train=one_node), chain(cfg))
+    assert any("train.checkpoint_every" in p for p in plan.problems)
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("04:00:00", 14400), ("10:30", 630), ("2-00:00:00", 172800),
+                                           ("1-12", 129600), ("1-00:30", 88200)])
+def test_slurm_time_limits(text, seconds):
+    assert parse_time(text, "t") == seconds
+
+
+def test_slurm_sizes():
+    assert parse_bytes("64G", "m") == 64 * 2**30 and parse_bytes("900", "m") == 900 * 2**20
+    assert parse_bytes("2T", "m") == 2 * 2**40
+    for bad in ("lots", "4 hours"):
+        with pytest.raises(ConfigError, match="m: "):
+            parse_bytes(bad, "m") if bad == "lots" else parse_time(bad, "m")
+
+
+def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
+    command = [sys.executable, str(ROOT / "stages/run_pipeline.py"), "--config", str(ROOT / "configs/llama3-8b.yaml"),
+               "--cluster", str(SITE), "--plan", f"model.backbone={LLAMA}"]
+    fits = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "| teacher-logits | 31.5G | 16.1G |" in fits.stdout and "GPU-hours in all: 663" in fits.stdout
+    refused = subprocess.run([*command, "train.micro_batch_size=64"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lower train.micro_batch_size" in errors[0], refused.stderr[-2000:]
