@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve pipeline plan status test test-unit bench mlflow-ui slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate status test test-unit bench mlflow-ui slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -44,6 +44,7 @@ help:
 	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - the stages in order, or a chain of SLURM jobs"
 	@echo "              ARGS='exits.depths=auto exits.count=3': search-exits chooses where the exits go"
 	@echo "make plan CONFIG=... [CLUSTER_CONFIG=...] - what the chain costs on a SLURM site and whether it fits"
+	@echo "make calibrate CONFIG=... - this node's throughput table for the plan (paste into the site config)"
 	@echo "make status CONFIG=... CLUSTER=slurm - the state and logs of the last submitted jobs"
 	@echo "make mlflow-ui [MLFLOW_STORE=runs/mlflow.db] - the MLflow UI on http://127.0.0.1:5000"
 	@echo "make slurm-up / slurm-down [SLURM_NODES=2] - a throw-away local SLURM cluster"
@@ -93,6 +94,10 @@ status: setup
 # Reads only the backbone's config.json (HF_HUB_OFFLINE=0 fetches it from the hub).
 plan: setup
 	$(PY) stages/run_pipeline.py --config $(CONFIG) --cluster $(CLUSTER_CONFIG) --plan $(ARGS)
+
+# On one node of the site (e.g. inside `srun --gpus=1`): the throughput: table the plan divides by.
+calibrate: assets
+	$(PY) stages/run_pipeline.py --config $(CONFIG) --calibrate $(ARGS)
 
 # One rank of 2 threads: the demo recipe's 512-token steps are one sequence each.
 demo: assets

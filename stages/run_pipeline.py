@@ -4,6 +4,7 @@
     python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml [--wait]
     python stages/run_pipeline.py --config C --cluster configs/cluster/local.yaml --status
     python stages/run_pipeline.py --config C --cluster configs/cluster/example-gpu.yaml --plan
+    python stages/run_pipeline.py --config C --calibrate      # this node's throughput table for the plan
     python stages/run_pipeline.py --config C --stages teacher-logits        # one stage
 
 The full chain opens one MLflow parent run that every stage run nests under. Before submitting,
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--status", action="store_true", help="SLURM: show the last submitted jobs of run.dir")
     parser.add_argument("--plan", action="store_true",
                         help="SLURM: print what the chain costs on the --cluster site and whether it fits; submit nothing")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this node's throughput (the site config's throughput: table) with the recipe's "
+                             "backbone and shapes; runs nothing else")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
     try:
@@ -43,6 +47,12 @@ def main(argv=None) -> int:
         if unknown:
             raise PipelineError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(launch.STAGES)})")
         stages = [s for s in launch.STAGES if s in stages]  # always in pipeline order
+        if args.calibrate:
+            from pipeline.calibrate import calibrate, throughput_yaml
+
+            rates = calibrate(cfg)
+            print(f"calibrate: {args.config} on this node; for the site config:\n{throughput_yaml(rates)}")
+            return 0
         if args.cluster is None:
             if args.status or args.wait or args.plan:
                 raise PipelineError("--status / --wait / --plan: need --cluster (CLUSTER=slurm)")

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from conftest import ROOT
+from conftest import ONE_THREAD, ROOT, tiny_config
 from pipeline.config import ClusterConfig, JobConfig, load_cluster_config, load_config
 from pipeline.errors import ConfigError
 from pipeline.launch import chain
@@ -134,3 +135,21 @@ def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lower train.micro_batch_size" in errors[0], refused.stderr[-2000:]
+
+
+def test_calibrate_measures_the_table_the_plan_reads(tmp_path, tracking_uri, assets):
+    """`make calibrate` on a truncated real backbone: a throughput line the site config takes as is, and
+    a plan of the same recipe on that site."""
+    config = tiny_config(tmp_path, tracking_uri, "calibrate")
+    run = [sys.executable, str(ROOT / "stages/run_pipeline.py"), "--config", str(config)]
+    measured = subprocess.run([*run, "--calibrate"], capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    line = next(line for line in measured.stdout.splitlines() if line.startswith("throughput: "))
+    rates = yaml.safe_load(line)["throughput"]
+    assert set(rates) == {"tokenize_tokens_per_s", "teacher_flops", "evaluate_flops", "train_flops"}
+    assert all(math.isfinite(v) and v > 0 for v in rates.values())
+    site = tmp_path / "site.yaml"
+    site.write_text((ROOT / "configs/cluster/local.yaml").read_text().split("\nthroughput:")[0] + "\n" + line + "\n")
+    assert load_cluster_config(site).throughput.train_flops == pytest.approx(rates["train_flops"])
+    plan = subprocess.run([*run, "--cluster", str(site), "--plan"], capture_output=True, text=True, cwd=ROOT)
+    assert plan.returncode == 0 and "| teacher-logits |" in plan.stdout, plan.stderr[-2000:]

@@ -1,0 +1,96 @@
+"""`make calibrate`: the `throughput:` table of a site config, measured on one of its nodes.
+
+The plan divides FLOPs by these rates; here they are timed with the recipe's own backbone, shapes
+and code on this machine's device (a GPU when there is one): tokenizing the source's first
+documents, the teacher's forward + head + target selection (teacher-logits' and evaluate's work),
+and an exits training step (prefix forward, exit layers, chunked loss, backward, AdamW; one device,
+no DeepSpeed, so ZeRO's communication is not in it). Token ids are random: the cost of a forward
+does not depend on them. Each rate is FLOPs (as the plan counts them) over measured seconds, after
+one untimed warm-up.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.plan import architecture, train_flops_per_token
+
+MIN_SECONDS = 5.0  # timing repeats until it has run this long (and at least twice)
+
+
+def timed(step, min_seconds: float = MIN_SECONDS) -> float:
+    """Seconds per call of `step`, after a warm-up call."""
+    step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < min_seconds:
+        step()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]:
+    from pipeline.backbone import load_backbone, load_tokenizer
+    from pipeline.balcony import BalconyModel
+    from pipeline.corpus import document_encoder
+    from pipeline.losses import exit_losses
+    from pipeline.sources import stream_documents
+    from pipeline.targets import TargetFormat
+    from pipeline.teacher import Teacher
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    arch = architecture(cfg, gpu)
+    seq = cfg.data.seq_len
+    rates: dict[str, float] = {}
+
+    tokenizer = load_tokenizer(cfg.model)
+    texts = list(itertools.islice(stream_documents(cfg.data, tokenizer), 256))
+    encode = document_encoder(tokenizer)
+    tokens = sum(len(ids) for ids in encode(texts))
+    cores = len(os.sched_getaffinity(0))  # the tokenizer's batch encoding runs on all of them
+    rates["tokenize_tokens_per_s"] = tokens / timed(lambda: encode(texts), min_seconds) / cores
+
+    lm = load_backbone(cfg.model, device)
+    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    teacher = Teacher(lm, fmt, type(cfg.teacher)(**{**vars(cfg.teacher), "fidelity_positions": 0}))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, arch.vocab, (cfg.teacher.batch_size, seq))
+    keys = [f"calibrate-{i}" for i in range(len(ids))]
+    seconds = timed(lambda: teacher.targets(ids, keys), min_seconds)
+    forward = arch.prefix_flops(arch.layers, seq) + arch.head_flops
+    rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * forward / seconds
+
+    # one exits step on cached-format targets of a micro-batch, as train-exits takes it
+    micro = rng.integers(0, arch.vocab, (cfg.train.micro_batch_size, seq))
+    targets = teacher.targets(micro, keys[: len(micro)])
+    batch = {"input_ids.npy": torch.as_tensor(micro, device=device),
+             **{k: torch.as_tensor(np.stack([t[k] for t in targets]), device=device) for k in targets[0]}}
+    depths = cfg.exits.depths if cfg.exits.depths != "auto" else [arch.layers // 2]
+    model = BalconyModel(lm, depths, cfg.exits.kind, cfg.exits.init).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.exits.parameters() if p.requires_grad], lr=1e-6)
+    generator = torch.Generator().manual_seed(0)
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
+            losses = exit_losses(model, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
+                                 "kl", cfg.train.loss_positions, generator)
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(train_step, min_seconds)
+    per_token = train_flops_per_token(arch, depths, cfg.exits.kind, seq, cfg.train.loss_positions, False)
+    rates["train_flops"] = micro.size * per_token / seconds
+    return rates
+
+
+def throughput_yaml(rates: dict[str, float]) -> str:
+    return "throughput: {" + ", ".join(f"{k}: {v:.3g}" for k, v in rates.items()) + "}"
