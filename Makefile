@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate status test test-unit bench mlflow-ui slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -47,6 +47,7 @@ help:
 	@echo "make calibrate CONFIG=... - this node's throughput table for the plan (paste into the site config)"
 	@echo "make status CONFIG=... CLUSTER=slurm - the state and logs of the last submitted jobs"
 	@echo "make mlflow-ui [MLFLOW_STORE=runs/mlflow.db] - the MLflow UI on http://127.0.0.1:5000"
+	@echo "make mlflow-server [MLFLOW_HOST=0.0.0.0] - an MLflow tracking server for a cluster's jobs (site config tracking_uri)"
 	@echo "make slurm-up / slurm-down [SLURM_NODES=2] - a throw-away local SLURM cluster"
 	@echo "make stage-tokenize CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-teacher-logits CONFIG=configs/demo.yaml [ARGS='key=value ...']"
@@ -126,12 +127,20 @@ study: assets
 	$(PY) bench/exit_study.py --base $(STUDY_DIR) $(if $(ROWS),--rows $(ROWS))
 
 # The real MLflow server and UI over the run root's store, on 127.0.0.1 unless MLFLOW_HOST says otherwise.
+MLFLOW_SERVE = $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 mlflow-ui: setup
 	@test -f $(MLFLOW_STORE) || { echo "error: MLFLOW_STORE: no MLflow store at $(MLFLOW_STORE); run 'make demo' first or set MLFLOW_STORE=path/to/mlflow.db" >&2; exit 2; }
 	@echo "MLflow UI: http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (store $(MLFLOW_STORE); Ctrl-C stops it)"
-	exec $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
-	  --default-artifact-root $(abspath $(dir $(MLFLOW_STORE)))/mlartifacts \
-	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
+	exec $(MLFLOW_SERVE) --default-artifact-root $(abspath $(dir $(MLFLOW_STORE)))/mlartifacts --workers 1
+
+# A tracking server for a cluster's jobs (the site config's tracking_uri): one process owns the store,
+# and clients upload artifacts through it. Jobs on other nodes need MLFLOW_HOST=0.0.0.0 (or the
+# node's address) and a port the compute nodes can reach.
+mlflow-server: setup
+	@mkdir -p $(dir $(MLFLOW_STORE))
+	@echo "MLflow server: http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (store $(MLFLOW_STORE); Ctrl-C stops it)"
+	exec $(MLFLOW_SERVE) --artifacts-destination $(abspath $(dir $(MLFLOW_STORE)))/mlartifacts --workers 4
 
 # The throw-away local SLURM cluster (cluster/local/): SLURM_NODES emulated nodes on 127.0.0.1.
 SLURM_NODES ?= 2

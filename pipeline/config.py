@@ -436,6 +436,9 @@ class ClusterConfig:
     """Shell run at the top of every job, e.g. "source .venv/bin/activate"."""
     slurm_conf: str = ""
     """SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default."""
+    tracking_uri: str = ""
+    """MLflow server every job logs to (e.g. http://login1:5000 from `make mlflow-server`) when the recipe
+    names none; empty: the sqlite file of the run root (one writer at a time on a shared filesystem)."""
     array_tasks: int = _num(2, ge=0)
     """Tasks of the array stages (tokenize, teacher-logits); 0: as many as the plan needs to fit each task in
     its time limit."""

@@ -79,8 +79,10 @@ def open_parent(cfg: Config) -> None:
     """A run of the whole chain is one pipeline execution: a parent MLflow run its stage runs nest
     under (the evaluate stage closes it)."""
     if PIPELINE_RUN not in os.environ:
-        os.environ[PIPELINE_RUN] = open_pipeline(cfg)
-        print(f"pipeline: MLflow parent run {os.environ[PIPELINE_RUN]} in experiment {cfg.run.experiment!r}")
+        parent = open_pipeline(cfg)  # None when the store cannot be reached: the stages run untracked
+        if parent:
+            os.environ[PIPELINE_RUN] = parent
+            print(f"pipeline: MLflow parent run {parent} in experiment {cfg.run.experiment!r}")
 
 
 # ---------------------------------------------------------------- in place
@@ -164,6 +166,8 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
     stages = [stage for stage in stages if not is_done(cfg, stage) and needed(cfg, stage)]
     if not stages:
         return []
+    if cluster.tracking_uri:  # the site's MLflow server, for the parent run here and every job's runs
+        os.environ["MLFLOW_TRACKING_URI"] = cluster.tracking_uri
     if whole_chain:
         open_parent(cfg)
     # sbatch exports the submitter's environment to the job: the parent run id, and these
