@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate gpu-check status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -56,6 +56,7 @@ help:
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - exits as standalone HF checkpoints"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
+	@echo "make gpu-check - teacher and exits training on a LLaMA-3-8B-shaped model on this GPU (skips without one)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
 	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
 	@echo "make curve   - the reference learning curve: the demo recipe on 10x its tokens (hours; resumable) -> results/learning-curve/"
@@ -95,6 +96,10 @@ status: setup
 # Reads only the backbone's config.json (HF_HUB_OFFLINE=0 fetches it from the hub).
 plan: setup
 	$(PY) stages/run_pipeline.py --config $(CONFIG) --cluster $(CLUSTER_CONFIG) --plan $(ARGS)
+
+# The 8B-shaped check of the teacher and training on a GPU (skips without one): results/gpu-check/.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(ARGS)
 
 # On one node of the site (e.g. inside `srun --gpus=1`): the throughput: table the plan divides by.
 calibrate: assets

@@ -1,15 +1,16 @@
-"""`make calibrate`: the `throughput:` table of a site config, measured on one of its nodes.
+"""Timing the stages' inner work on this machine: `make calibrate` (the `throughput:` table of a
+site config, measured on one of its nodes) and `make gpu-check` (bench/gpu_check.py) build on it.
 
-The plan divides FLOPs by these rates; here they are timed with the recipe's own backbone, shapes
-and code on this machine's device (a GPU when there is one): tokenizing the source's first
-documents, the teacher's forward + head + target selection (teacher-logits' and evaluate's work),
-and an exits training step (prefix forward, exit layers, chunked loss, backward, AdamW; one device,
-no DeepSpeed, so ZeRO's communication is not in it). Token ids are random: the cost of a forward
-does not depend on them. Each rate is FLOPs (as the plan counts them) over measured seconds, after
-one untimed warm-up.
+The rates are timed with the recipe's own backbone, shapes and code on this machine's device (a GPU
+when there is one): tokenizing the source's first documents, the teacher's forward + head + target
+selection (teacher-logits' and evaluate's work), and an exits training step (prefix forward, exit
+layers, chunked loss, backward, AdamW; one device, no DeepSpeed, so ZeRO's communication is not in
+it). Token ids are random: the cost of a forward does not depend on them. Each rate is FLOPs (as
+the plan counts them) over measured seconds, after one untimed warm-up.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -23,27 +24,62 @@ from pipeline.plan import architecture, train_flops_per_token
 MIN_SECONDS = 5.0  # timing repeats until it has run this long (and at least twice)
 
 
-def timed(step, min_seconds: float = MIN_SECONDS) -> float:
-    """Seconds per call of `step`, after a warm-up call."""
-    step()
+def timed(step, min_seconds: float = MIN_SECONDS, calls: int = 0) -> float:
+    """Seconds per call of `step`, after a warm-up call: `calls` calls, or as many as `min_seconds` takes."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    step()
     sync()
-    calls, start = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < min_seconds:
+    done, start = 0, time.perf_counter()
+    while done < (calls or 2) or (not calls and time.perf_counter() - start < min_seconds):
         step()
-        calls += 1
+        done += 1
     sync()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / done
+
+
+def random_ids(rows: int, seq_len: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (rows, seq_len))
+
+
+def teacher_of(lm, cfg: Config):
+    """The teacher stage's per-batch work (no fidelity probes: they are not the stage's cost at scale)."""
+    from pipeline.targets import TargetFormat
+    from pipeline.teacher import Teacher
+
+    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    return Teacher(lm, fmt, dataclasses.replace(cfg.teacher, fidelity_positions=0))
+
+
+def exits_step(model, teacher, cfg: Config, online: bool):
+    """One training step of `model`'s exits on one random micro-batch: against its cached-format targets
+    (made by `teacher`), or with `online` against the backbone's own forward in the same pass."""
+    from pipeline.losses import exit_losses
+
+    device = next(model.parameters()).device
+    ids = random_ids(cfg.train.micro_batch_size, cfg.data.seq_len, model.decoder.config.vocab_size, seed=1)
+    batch = {"input_ids.npy": torch.as_tensor(ids, device=device)}
+    if not online:
+        targets = teacher.targets(ids, [f"sample-{i}" for i in range(len(ids))])
+        batch.update({k: torch.as_tensor(np.stack([t[k] for t in targets]), device=device) for k in targets[0]})
+    optimizer = torch.optim.AdamW([p for p in model.exits.parameters() if p.requires_grad], lr=1e-6)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
+            losses = exit_losses(model, model.logits, model.depths, batch, None if online else teacher.fmt,
+                                 cfg.train.chunk_size, "kl", cfg.train.loss_positions, generator)
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]:
     from pipeline.backbone import load_backbone, load_tokenizer
     from pipeline.balcony import BalconyModel
     from pipeline.corpus import document_encoder
-    from pipeline.losses import exit_losses
     from pipeline.sources import stream_documents
-    from pipeline.targets import TargetFormat
-    from pipeline.teacher import Teacher
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -59,36 +95,17 @@ def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]
     rates["tokenize_tokens_per_s"] = tokens / timed(lambda: encode(texts), min_seconds) / cores
 
     lm = load_backbone(cfg.model, device)
-    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
-    teacher = Teacher(lm, fmt, type(cfg.teacher)(**{**vars(cfg.teacher), "fidelity_positions": 0}))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, arch.vocab, (cfg.teacher.batch_size, seq))
-    keys = [f"calibrate-{i}" for i in range(len(ids))]
+    teacher = teacher_of(lm, cfg)
+    ids = random_ids(cfg.teacher.batch_size, seq, arch.vocab)
+    keys = [f"sample-{i}" for i in range(len(ids))]
     seconds = timed(lambda: teacher.targets(ids, keys), min_seconds)
-    forward = arch.prefix_flops(arch.layers, seq) + arch.head_flops
-    rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * forward / seconds
+    rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * (arch.prefix_flops(arch.layers, seq) + arch.head_flops) / seconds
 
-    # one exits step on cached-format targets of a micro-batch, as train-exits takes it
-    micro = rng.integers(0, arch.vocab, (cfg.train.micro_batch_size, seq))
-    targets = teacher.targets(micro, keys[: len(micro)])
-    batch = {"input_ids.npy": torch.as_tensor(micro, device=device),
-             **{k: torch.as_tensor(np.stack([t[k] for t in targets]), device=device) for k in targets[0]}}
     depths = cfg.exits.depths if cfg.exits.depths != "auto" else [arch.layers // 2]
     model = BalconyModel(lm, depths, cfg.exits.kind, cfg.exits.init).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.exits.parameters() if p.requires_grad], lr=1e-6)
-    generator = torch.Generator().manual_seed(0)
-
-    def train_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
-            losses = exit_losses(model, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
-                                 "kl", cfg.train.loss_positions, generator)
-        losses.mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    seconds = timed(train_step, min_seconds)
+    seconds = timed(exits_step(model, teacher, cfg, online=False), min_seconds)
     per_token = train_flops_per_token(arch, depths, cfg.exits.kind, seq, cfg.train.loss_positions, False)
-    rates["train_flops"] = micro.size * per_token / seconds
+    rates["train_flops"] = cfg.train.micro_batch_size * seq * per_token / seconds
     return rates
 
 

@@ -1,5 +1,5 @@
 """`make plan`: the paper's recipe on the example GPU site, checked against the closed-form arithmetic
-of a LLaMA-3-8B (its published config.json, tests/data/llama3-8b-config), and sites that cannot hold
+of a LLaMA-3-8B (its published config.json, configs/shapes/llama3-8b), and sites that cannot hold
 it refused with the setting to change named."""
 import math
 import subprocess
@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.launch import chain
 from pipeline.plan import FIT, make_plan, parse_bytes, parse_time
 
-LLAMA = str(ROOT / "tests/data/llama3-8b-config")
+LLAMA = str(ROOT / "configs/shapes/llama3-8b")
 SITE = ROOT / "configs/cluster/example-gpu.yaml"
 
 # LLaMA-3-8B by hand: d 4096, 32 layers, GQA 32 heads / 8 KV heads of 128, MLP 14336, vocabulary 128256
