@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import InputError
-from pipeline.sources import Scan
+from pipeline.sources import Scan, hub_documents, sample_documents
 
 SPLITS = ("train", "heldout")
 
@@ -61,24 +61,38 @@ def is_heldout(seed: int, doc_index: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def check_budget(data: DataConfig, scan: Scan, encode) -> None:
-    """Refuse, before any work, a budget the local files plainly cannot fill: their tokens estimated
-    from the characters the scan counted, at the characters per token of a sample of each file. An
-    estimate, so only a shortfall beyond BUDGET_MARGIN is refused here; packing names a closer one."""
-    if not scan.documents:  # a hub dataset: its size is not known before it streams
-        return
-    sample = encode(scan.sample)
-    per_token = sum(map(len, scan.sample)) / sum(len(ids) for ids in sample)
-    estimate = round(scan.characters / per_token)
+def check_budget(data: DataConfig, scan: Scan, encode, tokenizer) -> None:
+    """Refuse, before any work, a budget the source plainly cannot fill. Local files: their tokens
+    estimated from the characters the scan counted, at the characters per token of a sample of each
+    file. A hub dataset: the documents its metadata counts, at the tokens per document of its first
+    ones. An estimate, so only a shortfall beyond BUDGET_MARGIN is refused here; packing names a
+    closer one."""
+    if data.source == "hub":
+        documents = hub_documents(data)
+        if documents is None:
+            print(f"tokenize: {data.hub_name} has no split sizes in its metadata; a budget it cannot fill is "
+                  "found when its documents run out", flush=True)
+            return
+        sample = sample_documents(data, tokenizer, HUB_SAMPLE)
+        per_document = sum(len(ids) for ids in encode(sample)) / len(sample)
+        estimate, where = round(documents * per_document), f"{data.hub_name} ({data.hub_split})"
+        basis = (f"{documents:,} documents by its metadata at {per_document:,.0f} tokens each, measured on the "
+                 f"first {len(sample)}")
+    else:
+        sample = encode(scan.sample)
+        per_token = sum(map(len, scan.sample)) / sum(len(ids) for ids in sample)
+        estimate, where = round(scan.characters / per_token), "the files"
+        basis = (f"{scan.characters:,} characters in {scan.documents:,} documents at {per_token:.2f} characters "
+                 f"per token, measured on {len(sample)} of them")
     needed = data.total_tokens + data.heldout_tokens
     if estimate * BUDGET_MARGIN < needed:
         raise InputError(
-            f"data.budget_tokens: the files hold about {estimate:,} tokens ({scan.characters:,} characters in "
-            f"{scan.documents:,} documents at {per_token:.2f} characters per token, measured on {len(sample)} of "
-            f"them), fewer than the {needed:,} that data.budget_tokens and data.heldout_tokens ask for; "
-            "lower them or add files")
+            f"data.budget_tokens: {where} hold{'s' if data.source == 'hub' else ''} about {estimate:,} tokens "
+            f"({basis}), fewer than the {needed:,} that data.budget_tokens and data.heldout_tokens ask for; "
+            "lower them or add " + ("data" if data.source == "hub" else "files"))
 
 
+HUB_SAMPLE = 256  # a hub dataset's first documents, whose tokens per document scale its document count
 BUDGET_MARGIN = 1.1  # the estimate's error, generously: characters per token vary between documents
 
 

@@ -13,6 +13,7 @@ null in a Parquet text column, a text file that is not UTF-8, a file with no rec
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -237,6 +238,26 @@ def stream_documents(data: DataConfig, tokenizer=None, key: str = "data.files") 
                     raise InputError(f"data.hub_name: {record}")
                 continue
         yield _document_text(record, data, tokenizer)
+
+
+def hub_documents(data: DataConfig) -> int | None:
+    """The number of documents in the hub dataset's split, from its metadata (its card's dataset_info),
+    or None when the metadata does not say."""
+    from datasets import load_dataset_builder
+
+    try:
+        splits = load_dataset_builder(data.hub_name, data.hub_config or None).info.splits or {}
+    except Exception as e:  # unreachable, unknown, gated: the stream itself will say so precisely
+        raise InputError(f"data.hub_name: cannot read the metadata of {data.hub_name!r} ({str(e).splitlines()[0]})") from None
+    split = splits.get(data.hub_split)
+    return split.num_examples if split and split.num_examples else None
+
+
+def sample_documents(data: DataConfig, tokenizer, count: int) -> list[str]:
+    """The hub dataset's first `count` documents in stored order (no shuffle buffer to fill first)."""
+    import itertools
+
+    return list(itertools.islice(stream_documents(dataclasses.replace(data, shuffle_buffer=0), tokenizer), count))
 
 
 def _document_text(record: dict, data: DataConfig, tokenizer) -> str:

@@ -27,7 +27,7 @@ def tokens_header(cfg: Config, tokenizer) -> dict:
     Reads every record first: a bad one is refused (or counted), and a budget the files cannot fill
     refused, before anything is written."""
     scan = scan_sources(cfg.data)
-    check_budget(cfg.data, scan, document_encoder(tokenizer))
+    check_budget(cfg.data, scan, document_encoder(tokenizer), tokenizer)
     return {
         "stage": STAGE.tag,
         "config_hash": cfg.hash("data"),

@@ -155,3 +155,37 @@ def test_stage_logs_an_mlflow_run(reference, tracking_uri):
     assert "manifest.json" in artifacts
     manifest = json.loads((tokens / MANIFEST).read_text())
     assert run.data.tags["config_hash"] == manifest["config_hash"]
+
+
+def _dataset_folder(folder, documents: int):
+    """A dataset as the hub serves one (parquet files + a card whose dataset_info counts the documents),
+    in a local folder: `data.source: hub` reads it through the same `datasets` calls, offline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    texts = [f"Document {i}: " + "plain words about nothing in particular. " * 30 for i in range(documents)]
+    half = documents // 2
+    for index, part in enumerate((texts[:half], texts[half:])):
+        pq.write_table(pa.table({"text": part}), folder / "data" / f"train-0000{index}-of-00002.parquet")
+    (folder / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: text\n    dtype: string\n  splits:\n  - name: train\n"
+        f"    num_bytes: {documents * 300}\n    num_examples: {documents}\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/train-*\n---\n")
+    return folder
+
+
+def test_a_hub_dataset_is_checked_against_its_metadata(write_config, tmp_path):
+    """A hub dataset's budget is checked before any work against the documents its card counts, at the
+    tokens per document of its first ones: over it, one line and no run directory; within it, shards."""
+    dataset = _dataset_folder(tmp_path / "dataset", documents=200)  # ~200 x 220 tokens
+    hub = {"source": "hub", "hub_name": str(dataset), "files": []}
+    config = write_config("hub.yaml", run_dir=tmp_path / "run", data={**hub, "budget_tokens": 200_000})
+    proc = run_stage(STAGE, "--config", config, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.match(rf"error: data.budget_tokens: {re.escape(str(dataset))} \(train\) holds about [\d,]+ tokens "
+                    r"\(200 documents by its metadata at [\d,]+ tokens each, measured on the first 200\), fewer than "
+                    r"the 201,024 that data.budget_tokens and data.heldout_tokens ask for", proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()
+    run_stage(STAGE, "--config", config, "data.budget_tokens=8192")
+    assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["splits"]["train"]["tokens"] == 8192
