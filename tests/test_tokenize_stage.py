@@ -132,12 +132,17 @@ def test_a_budget_the_files_cannot_fill_is_refused_before_any_work(write_config,
     small.write_text("".join(json.dumps({"text": f"Document {i}: " + "a few plain words. " * 20}) + "\n"
                              for i in range(20)))
     config = write_config("small.yaml", run_dir=tmp_path / "run", data={"files": [str(small)]})
+    refused_before_work(config, tmp_path / "run", r"error: data.budget_tokens: the files hold about [\d,]+ tokens "
+                        r"\([\d,]+ characters in 20 documents at [\d.]+ characters per token, measured on 16 of them\), "
+                        r"fewer than the 9,216 that data.budget_tokens and data.heldout_tokens ask for")
+
+
+def refused_before_work(config, run_dir, error: str) -> None:
+    """The stage exits 2 with one line matching `error`, and has created no run directory."""
     proc = run_stage(STAGE, "--config", config, check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert re.match(r"error: data.budget_tokens: the files hold about [\d,]+ tokens \([\d,]+ characters in 20 documents "
-                    r"at [\d.]+ characters per token, measured on 16 of them\), fewer than the 9,216 that "
-                    r"data.budget_tokens and data.heldout_tokens ask for", proc.stderr), proc.stderr
-    assert not (tmp_path / "run").exists()
+    assert re.match(error, proc.stderr), proc.stderr
+    assert not run_dir.exists()
 
 
 def test_stage_logs_an_mlflow_run(reference, tracking_uri):
@@ -181,11 +186,8 @@ def test_a_hub_dataset_is_checked_against_its_metadata(write_config, tmp_path):
     dataset = _dataset_folder(tmp_path / "dataset", documents=200)  # ~200 x 220 tokens
     hub = {"source": "hub", "hub_name": str(dataset), "files": []}
     config = write_config("hub.yaml", run_dir=tmp_path / "run", data={**hub, "budget_tokens": 200_000})
-    proc = run_stage(STAGE, "--config", config, check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert re.match(rf"error: data.budget_tokens: {re.escape(str(dataset))} \(train\) holds about [\d,]+ tokens "
-                    r"\(200 documents by its metadata at [\d,]+ tokens each, measured on the first 200\), fewer than "
-                    r"the 201,024 that data.budget_tokens and data.heldout_tokens ask for", proc.stderr), proc.stderr
-    assert not (tmp_path / "run").exists()
+    refused_before_work(config, tmp_path / "run", rf"error: data.budget_tokens: {re.escape(str(dataset))} \(train\) "
+                        r"holds about [\d,]+ tokens \(200 documents by its metadata at [\d,]+ tokens each, measured on "
+                        r"the first 200\), fewer than the 201,024 that data.budget_tokens and data.heldout_tokens ask for")
     run_stage(STAGE, "--config", config, "data.budget_tokens=8192")
     assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["splits"]["train"]["tokens"] == 8192
