@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from pathlib import Path
 
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def resolve_task(index: int | None, count: int | None) -> tuple[int, int]:
@@ -44,6 +46,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        refuse_stale_build_lock("deepspeed_shm_comm")
     # a site that binds one GPU to each task shows every rank a single device 0
     index = int(env.get("LOCAL_RANK", 0)) % torch.cuda.device_count() if cuda else 0
     if cuda:
@@ -51,6 +55,22 @@ def init_distributed() -> tuple[int, int, torch.device]:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", index) if cuda else torch.device("cpu")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+
+
+STALE_LOCK_S = 600  # the shared-memory op builds in about a minute
+
+
+def refuse_stale_build_lock(op: str) -> None:
+    """DeepSpeed's CPU collectives JIT-build a torch extension on a machine's first run, under a lock
+    file. A build killed mid-way leaves the lock, and every later start then waits on it forever,
+    silently: refuse instead, naming the file."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        raise PipelineError(f"{lock}: left by a build of DeepSpeed's {op} op that was killed "
+                            f"{(time.time() - lock.stat().st_mtime) / 60:.0f} min ago; every start would wait on it "
+                            "forever: remove the file (the op is rebuilt on the next start)")
 
 
 def _first_slurm_host() -> str:

@@ -211,3 +211,20 @@ def test_injected_write_error_then_rerun(finished_run, tmp_path, tracking_uri, m
     run_stage("", body, ["--config", str(config)])
     assert tree_bytes(out) == finished
     ledger("write failure", f"{stage}: EIO while writing train shard {shard}", "survived")
+
+
+def test_a_killed_first_build_of_deepspeeds_cpu_op_is_named_not_waited_on(tmp_path, monkeypatch):
+    """The lock a killed JIT build of DeepSpeed's shared-memory op leaves would make every later start
+    wait forever: an old one is refused in one line naming it; a build under way (a fresh lock) is not."""
+    from pipeline.distributed import STALE_LOCK_S, refuse_stale_build_lock
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    refuse_stale_build_lock("deepspeed_shm_comm")  # another process is building it now
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(PipelineError, match=f"{lock}: left by a build of DeepSpeed's deepspeed_shm_comm op"):
+        refuse_stale_build_lock("deepspeed_shm_comm")
