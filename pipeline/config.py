@@ -103,6 +103,11 @@ class DataConfig:
     """Document order and held-out choice."""
     shuffle_buffer: int = _num(10000, ge=0)
     """Streaming shuffle buffer in documents; 0 keeps the source's order."""
+    read_groups: int = _num(1, ge=1, added=True)
+    """The source's files (local files, or a hub dataset's data files) cut into this many groups, in
+    order; each group fills its own shards, in proportion to its size, from its own documents, so a
+    tokenize task reads only the groups its shards come from and a group's shards commit when it is
+    packed. 1: any document may land in any shard (the best mix, for files of different styles)."""
     # Execution: with the same files, a run that succeeds makes the same shards either way.
     on_bad_record: Literal["error", "skip"] = field(
         default="error", metadata={"execution": True, "since_execution_hash": True})

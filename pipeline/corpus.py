@@ -14,6 +14,12 @@ The layout is a pure function of the config, so any number of tasks produce the 
 
 So a shard depends only on its own documents: a task tokenizes just the documents of the shards
 it owns, and a rerun redoes only missing shards.
+
+With `data.read_groups` G > 1 the source's files are cut into G groups (`sources.source_groups`);
+each split's sequences are shared between the groups in proportion to their size, each group's share
+is cut into its own shards, and all of the above happens within a group, over its own documents
+(seed + group for its order and its held-out choice). A task then reads only the groups its shards
+come from, and a group's shards are all written once its documents are packed.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import InputError
-from pipeline.sources import Scan, hub_documents, sample_documents
+from pipeline.sources import Group, Scan, hub_documents, sample_documents, source_groups
 
 SPLITS = ("train", "heldout")
 
@@ -37,15 +43,31 @@ class ShardSpec:
     split: str
     index: int
     sequences: int
+    group: int = 0  # the read group (data.read_groups) whose documents fill it
 
 
-def plan_shards(data: DataConfig) -> list[ShardSpec]:
-    """Every shard of both splits, train first: the unit of work, of resume and of task splitting."""
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole units (largest remainders first, ties to the
+    earlier one): the same for every task."""
+    exact = [total * w / sum(weights) for w in weights]
+    shares = [math.floor(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (shares[i] - exact[i], i))[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def plan_shards(data: DataConfig, groups: list[Group] | None = None) -> list[ShardSpec]:
+    """Every shard of both splits, train first: the unit of work, of resume and of task splitting.
+    With read groups, each split's sequences are shared between the groups by size, and each group's
+    share cut into its own shards (`groups`: source_groups, or looked up here)."""
+    weights = [1.0] if data.read_groups == 1 else [g.weight for g in groups or source_groups(data)]
     specs = []
     for split, tokens in (("train", data.total_tokens), ("heldout", data.heldout_tokens)):
-        sequences = max(1, round(tokens / data.seq_len))
-        for index in range(math.ceil(sequences / data.sequences_per_shard)):
-            specs.append(ShardSpec(split, index, min(data.sequences_per_shard, sequences - index * data.sequences_per_shard)))
+        index = 0
+        for group, sequences in enumerate(apportion(max(1, round(tokens / data.seq_len)), weights)):
+            for start in range(0, sequences, data.sequences_per_shard):
+                specs.append(ShardSpec(split, index, min(data.sequences_per_shard, sequences - start), group))
+                index += 1
     return specs
 
 
@@ -61,12 +83,13 @@ def is_heldout(seed: int, doc_index: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def check_budget(data: DataConfig, scan: Scan, encode, tokenizer) -> None:
-    """Refuse, before any work, a budget the source plainly cannot fill. Local files: their tokens
-    estimated from the characters the scan counted, at the characters per token of a sample of each
-    file. A hub dataset: the documents its metadata counts, at the tokens per document of its first
-    ones. An estimate, so only a shortfall beyond BUDGET_MARGIN is refused here; packing names a
-    closer one."""
+def check_budget(data: DataConfig, scan: Scan, encode, tokenizer, needed: int | None = None,
+                 files: str = "the files") -> None:
+    """Refuse, before any work, a budget the source plainly cannot fill. Local files (`files`, whose
+    share of the budget is `needed`, by default all of it): their tokens estimated from the characters
+    the scan counted, at the characters per token of a sample of each file. A hub dataset: the
+    documents its metadata counts, at the tokens per document of its first ones. An estimate, so only
+    a shortfall beyond BUDGET_MARGIN is refused here; packing names a closer one."""
     if data.source == "hub":
         documents = hub_documents(data)
         if documents is None:
@@ -81,15 +104,17 @@ def check_budget(data: DataConfig, scan: Scan, encode, tokenizer) -> None:
     else:
         sample = encode(scan.sample)
         per_token = sum(map(len, scan.sample)) / sum(len(ids) for ids in sample)
-        estimate, where = round(scan.characters / per_token), "the files"
+        estimate, where = round(scan.characters / per_token), files
         basis = (f"{scan.characters:,} characters in {scan.documents:,} documents at {per_token:.2f} characters "
                  f"per token, measured on {len(sample)} of them")
-    needed = data.total_tokens + data.heldout_tokens
+    share = needed is not None
+    needed = needed if share else data.total_tokens + data.heldout_tokens
     if estimate * BUDGET_MARGIN < needed:
         raise InputError(
             f"data.budget_tokens: {where} hold{'s' if data.source == 'hub' else ''} about {estimate:,} tokens "
-            f"({basis}), fewer than the {needed:,} that data.budget_tokens and data.heldout_tokens ask for; "
-            "lower them or add " + ("data" if data.source == "hub" else "files"))
+            f"({basis}), fewer than the {needed:,} that {'their share of ' if share else ''}data.budget_tokens "
+            "and data.heldout_tokens ask for; lower them or add " + ("data" if data.source == "hub" else "files")
+            + (", or lower data.read_groups" if share else ""))
 
 
 HUB_SAMPLE = 256  # a hub dataset's first documents, whose tokens per document scale its document count
@@ -144,8 +169,10 @@ class Router:
         for heap in self.heaps.values():
             heapq.heapify(heap)
 
-    def route(self, split: str, text: str) -> int:
+    def route(self, split: str, text: str) -> int | None:
         heap = self.heaps[split]
+        if not heap:  # a read group too small for a shard of this split
+            return None
         load, index, sequences = heap[0]
         heapq.heapreplace(heap, (load + len(text) / sequences, index, sequences))
         return index
@@ -158,12 +185,16 @@ def pack_shards(
     encode,
     data: DataConfig,
     batch_documents: int = 64,
+    group: int = 0,
 ) -> Iterator[tuple[ShardSpec, np.ndarray]]:
-    """Yield (spec, [sequences, seq_len] int32) for each owned shard as soon as it is full.
+    """Yield (spec, [sequences, seq_len] int32) for each owned shard of read group `group` as soon as
+    it is full, from that group's `documents`.
 
-    `specs` is the whole plan (it decides the routing); `owned` the shards to build here;
-    `encode(texts) -> list[list[int]]` tokenizes a batch and appends EOS to each document.
+    `specs` is the whole plan (its shards of `group` decide the routing); `owned` the shards to build
+    here; `encode(texts) -> list[list[int]]` tokenizes a batch and appends EOS to each document.
     """
+    specs = [s for s in specs if s.group == group]
+    owned = [s for s in owned if s.group == group]
     router = Router(specs)
     packers = {(s.split, s.index): ShardPacker(s, data.seq_len) for s in owned}
     pending: list[tuple[ShardPacker, str]] = []
@@ -180,7 +211,7 @@ def pack_shards(
     for doc_index, text in enumerate(documents):
         if not packers:
             return
-        split = "heldout" if is_heldout(data.seed, doc_index, data.heldout_fraction) else "train"
+        split = "heldout" if is_heldout(data.seed + group, doc_index, data.heldout_fraction) else "train"
         packer = packers.get((split, router.route(split, text)))
         if packer is not None:
             pending.append((packer, text))
@@ -189,8 +220,9 @@ def pack_shards(
     yield from flush()
     if packers:
         short = min(packers.values(), key=lambda p: p.filled / p.capacity)
+        where = f" (read group {group} of {data.read_groups})" if data.read_groups > 1 else ""
         raise InputError(
-            f"data.budget_tokens: the corpus ran out of documents: shard {short.spec.split}/{short.spec.index} "
+            f"data.budget_tokens: the corpus ran out of documents{where}: shard {short.spec.split}/{short.spec.index} "
             f"got {short.filled} of {short.capacity} tokens; lower data.budget_tokens / data.heldout_tokens "
             f"or add documents"
         )

@@ -1,7 +1,7 @@
 """Run stages in place, or submit them to SLURM as a chain of jobs, under one MLflow parent run.
 
 In place, each stage is a child process (search-exits and train-exits under the deepspeed
-launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N writes shards i::N),
+launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N writes block i of the shards),
 search-exits and train-exits multi-node jobs (cluster.train), evaluate one job, each `afterok` on
 the one before. A stage already complete is
 skipped, and of an array stage only the tasks with missing shards are submitted, so resubmitting
@@ -24,6 +24,7 @@ from pipeline.errors import InputError, PipelineError
 from pipeline.shards import atomic_write, completed_record
 from pipeline.registry import EXPORT_EXITS, SEARCH_EXITS, STAGES, TRAIN_EXITS, export_folder
 from pipeline.search import resolve_depths
+from pipeline.stage import owned_shards
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,10 +123,11 @@ class Job:
 
 
 def pending_tasks(cfg: Config, stage: str, count: int) -> list[int]:
-    """Array tasks that still have a shard to write (task i owns shards i::count)."""
+    """Array tasks that still have a shard to write (each owns a block of shards: owned_shards)."""
     shards = [(s.split, s.index) for s in plan_shards(cfg.data)]  # teacher shards are 1:1 with these
     out = STAGES[stage].dir(cfg)
-    todo = [i for i in range(count) if any(completed_record(out, *s) is None for s in shards[i::count])]
+    todo = [i for i in range(count)
+            if any(completed_record(out, *s) is None for s in owned_shards(shards, i, count))]
     return todo or [0]  # all shards in but no manifest (a task died finishing it): one task writes it
 
 

@@ -15,6 +15,7 @@ the positions; the prefix up to the deepest exit runs forward only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -180,6 +181,12 @@ def train_flops_per_token(arch: Architecture, depths: list[int], kind: str, seq_
     return flops
 
 
+def planned_shards(cfg: Config) -> list:
+    """The shards as one read group lays them out: with more groups each group's last shard may be
+    partial (at most read_groups - 1 more shards), and their sizes would need the hub's file list."""
+    return plan_shards(dataclasses.replace(cfg.data, read_groups=1))
+
+
 def planned_depths(cfg: Config, arch: Architecture) -> list[int]:
     """The exits' depths; with auto, the deepest candidates stand in (the search has not chosen yet)."""
     if cfg.exits.depths != AUTO:
@@ -233,7 +240,7 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
     gpu = cluster.teacher.gpus_per_node > 0 or cluster.train.gpus_per_node > 0
     arch = architecture(cfg, gpu)
     rate, seq = cluster.throughput, cfg.data.seq_len
-    specs = plan_shards(cfg.data)
+    specs = planned_shards(cfg)
     tokens = cfg.data.total_tokens + cfg.data.heldout_tokens
     depths = planned_depths(cfg, arch)
     world = cluster.train.nodes * cluster.train.tasks_per_node
@@ -242,7 +249,7 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
 
     def array(stage: str, job: JobConfig, key: str, seconds_per_token: float, flops: float, written: int) -> StagePlan:
         """An array stage: tasks sized to fit the time limit (array_tasks 0) or checked against it. A task
-        writes whole shards (task i: shards i::N), so its time is that of its share of shards."""
+        writes whole shards (a block of them), so its time is that of its share of shards."""
         limit = parse_time(job.time, f"{key}.time")
         shard_s = cfg.data.sequences_per_shard * seq * seconds_per_token
         per_task = max(1, int(limit * FIT // shard_s))  # shards one task can write in time
@@ -261,7 +268,9 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
     if TOKENIZE.name in stages:
         plans.append(array(TOKENIZE.name, cluster.tokenize, "tokenize",
                            1 / (rate.tokenize_tokens_per_s * cluster.tokenize.cpus_per_task), 0.0, tokens * TOKEN_BYTES))
-        plans[-1].note = "every task reads the whole source (routing needs each document); the time is tokenizing"
+        plans[-1].note = ("the time is tokenizing; " + ("every task reads the whole source (data.read_groups 1)"
+                          if cfg.data.read_groups == 1 else
+                          f"each task reads the read groups its shards come from (of {cfg.data.read_groups})"))
     if TEACHER_LOGITS.name in stages and cfg.reads_cached_targets():
         fmt = TargetFormat(cfg.teacher, arch.vocab)
         flops = arch.prefix_flops(arch.layers, seq) + arch.head_flops
@@ -368,7 +377,8 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
     lines.append(f"backbone: {arch.name}: {arch.layers} layers, hidden {arch.hidden}, vocabulary {arch.vocab:,}, "
                  f"{arch.total_params / 1e9:.2f}B parameters ({arch.dtype_bytes} bytes each)")
     lines.append(f"data: {cfg.data.total_tokens:,} train + {cfg.data.heldout_tokens:,} held-out tokens, "
-                 f"{len(plan_shards(cfg.data)):,} shards of {cfg.data.sequences_per_shard} x {cfg.data.seq_len}")
+                 f"{len(planned_shards(cfg)):,} shards of {cfg.data.sequences_per_shard} x {cfg.data.seq_len}"
+                 + (f" (read groups add up to {cfg.data.read_groups - 1} partial shards)" if cfg.data.read_groups > 1 else ""))
     lines.append("")
     lines.append("| stage | tokens | FLOP/token | FLOPs | tasks x devices | wall per task | limit | device-hours | written |")
     lines.append("|---|---|---|---|---|---|---|---|---|")

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,8 +150,10 @@ def claim_directory(stage_dir: Path, header: dict, write: bool = True, ignore: t
         atomic_write(path, json.dumps(header, indent=1, sort_keys=True).encode(), shared=True)
 
 
-def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int]) -> dict | None:
-    """Write manifest.json once every shard of every split has a receipt; return it, else None."""
+def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int],
+                      summary: Callable[[], dict] | None = None) -> dict | None:
+    """Write manifest.json once every shard of every split has a receipt (with `summary()`'s fields);
+    return it, else None."""
     splits = {}
     for split, count in shard_counts.items():
         records = [completed_record(stage_dir, split, i) for i in range(count)]
@@ -163,7 +165,7 @@ def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int
             "tokens": sum(r.tokens for r in records),
             "bytes": sum(r.bytes for r in records),
         }
-    manifest = {**header, "format_version": FORMAT_VERSION, "splits": splits}
+    manifest = {**header, **(summary() if summary else {}), "format_version": FORMAT_VERSION, "splits": splits}
     atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), shared=True)
     return manifest
 

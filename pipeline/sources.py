@@ -42,6 +42,41 @@ def local_files(data: DataConfig, key: str = "data.files") -> list[str]:
     return files
 
 
+@dataclass(frozen=True)
+class Group:
+    """One of data.read_groups runs of the source's files: what one task reads for its shards."""
+
+    index: int
+    files: tuple[str, ...]  # local files; empty for a hub dataset (its data files are chosen by index)
+    weight: float  # its share of the budget: the bytes of its files, or its number of hub data files
+
+
+def split_evenly(count: int, groups: int) -> list[range]:
+    """`count` items in `groups` contiguous runs, the first ones one longer: how `datasets` splits a
+    dataset's files between the shards of an IterableDataset."""
+    size, extra = divmod(count, groups)
+    runs, start = [], 0
+    for g in range(groups):
+        runs.append(range(start, start + size + (g < extra)))
+        start = runs[-1].stop
+    return runs
+
+
+def source_groups(data: DataConfig, key: str = "data.files") -> list[Group]:
+    """The source cut into data.read_groups groups of whole files, in order (sizes from the file
+    system or the hub's file list: nothing is read)."""
+    if data.read_groups == 1:
+        return [Group(0, tuple(local_files(data, key)) if data.source != "hub" else (), 1.0)]
+    files = local_files(data, key) if data.source != "hub" else None
+    count = len(files) if files is not None else _hub_stream(data).n_shards
+    if data.read_groups > count:
+        raise ConfigError(f"data.read_groups: {data.read_groups} groups of {count} files; at most one group per file")
+    if files is None:
+        return [Group(g, (), len(run)) for g, run in enumerate(split_evenly(count, data.read_groups))]
+    return [Group(g, tuple(files[run.start:run.stop]), sum(os.path.getsize(f) for f in files[run.start:run.stop]))
+            for g, run in enumerate(split_evenly(count, data.read_groups))]
+
+
 def source_fingerprint(data: DataConfig) -> dict:
     """What the documents are read from: each file's sha256 (streamed), keyed by its name, or by its
     path below the files' common folder when two names collide; or the hub dataset's name."""
@@ -184,14 +219,15 @@ class Scan:
 SAMPLE_PER_FILE = 16  # documents per file whose characters per token estimate the corpus's tokens
 
 
-def scan_sources(data: DataConfig, key: str = "data.files") -> Scan:
-    """Read every record of the local files once, before anything is written: with on_bad_record
-    error, refuse the first bad one; with skip, count them; and measure what the good ones hold."""
+def scan_sources(data: DataConfig, key: str = "data.files", group: Group | None = None) -> Scan:
+    """Read every record of the local files (of `group`, else all) once, before anything is written:
+    with on_bad_record error, refuse the first bad one; with skip, count them; and measure what the
+    good ones hold."""
     scan = Scan()
     if data.source == "hub":
         return scan
     first = None
-    for path in local_files(data, key):
+    for path in group.files if group else local_files(data, key):
         sampled = 0
         for record in file_records(path, data):
             if not isinstance(record, BadRecord):
@@ -205,7 +241,8 @@ def scan_sources(data: DataConfig, key: str = "data.files") -> Scan:
             else:
                 scan.skipped, first = scan.skipped + 1, first or record
     if scan.documents == 0:
-        raise InputError(f"{key}: no readable record in {', '.join(data.files)}; the first bad one: {first}")
+        where = ", ".join(group.files if group else data.files)
+        raise InputError(f"{key}: no readable record in {where}; the first bad one: {first}")
     return scan
 
 
@@ -218,18 +255,28 @@ def _good_records(files: list[str], data: DataConfig, key: str) -> Iterator[dict
                 raise InputError(f"{key}: {record}")
 
 
-def stream_documents(data: DataConfig, tokenizer=None, key: str = "data.files") -> Iterator[str]:
-    """Documents as text, in the seeded order every task sees identically."""
-    from datasets import IterableDataset, load_dataset
+def _hub_stream(data: DataConfig):
+    from datasets import load_dataset
+
+    return load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
+
+
+def stream_documents(data: DataConfig, tokenizer=None, key: str = "data.files",
+                     group: Group | None = None) -> Iterator[str]:
+    """Documents as text (of `group`, else of the whole source), in the seeded order every task sees
+    identically."""
+    from datasets import IterableDataset
 
     if data.source == "hub":
-        stream = load_dataset(data.hub_name, data.hub_config or None, split=data.hub_split, streaming=True)
+        stream = _hub_stream(data)
+        if group is not None and data.read_groups > 1:
+            stream = stream.shard(num_shards=data.read_groups, index=group.index, contiguous=True)
     else:
         # gen_kwargs lists are `datasets`' shards: one per file, shuffled by the seed as its readers' are
-        stream = IterableDataset.from_generator(
-            _good_records, gen_kwargs={"files": local_files(data, key), "data": data, "key": key})
+        files = list(group.files) if group else local_files(data, key)
+        stream = IterableDataset.from_generator(_good_records, gen_kwargs={"files": files, "data": data, "key": key})
     if data.shuffle_buffer:
-        stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
+        stream = stream.shuffle(seed=data.seed + (group.index if group else 0), buffer_size=data.shuffle_buffer)
     for i, record in enumerate(stream):
         if data.source == "hub":
             record = _checked_fields(f"{data.hub_name} record {i}", record, data)  # local ones are checked

@@ -3,7 +3,7 @@
     python stages/SCRIPT --config C [key.path=value ...] [--task-index I --num-tasks N]
 
 A sharded stage pins its output directory to a header (what the output is a function of), skips
-when the manifest already exists, writes its share I::N of the shards that are not committed yet,
+when the manifest already exists, writes its share (block I of N) of the shards not committed yet,
 and writes the manifest when the last shard of the set is in.
 """
 from __future__ import annotations
@@ -70,6 +70,12 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
 Shard = tuple[str, int]  # (split, index)
 
 
+def owned_shards(shards: list, index: int, count: int) -> list:
+    """Task `index` of `count` owns a contiguous block of the shard list (train, then held-out): with
+    read groups, a task's block touches only a few groups, so it reads only those."""
+    return shards[index * len(shards) // count:(index + 1) * len(shards) // count]
+
+
 def run_sharded(
     cfg: Config,
     stage: str,
@@ -79,20 +85,24 @@ def run_sharded(
     task: tuple[int, int],
     write: Callable[[list[Shard], Tracker], int],
     also: dict | None = None,
+    ignore: tuple[str, ...] = (),
+    summary: Callable[[], dict] | None = None,
 ) -> dict | None:
     """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
-    `also`: header values that count as the same (the config hash of an earlier version).
+    `also`: header values that count as the same (the config hash of an earlier version); `ignore`:
+    header fields of earlier versions that no longer pin the directory; `summary()`: fields the
+    manifest adds when the set is complete.
 
     Returns the manifest once the set is complete (now or earlier), else None.
     """
-    claim_directory(out, header, also=also)  # refuses a directory written from other inputs or settings
+    claim_directory(out, header, also=also, ignore=ignore)  # refuses a directory written from other inputs
     if (out / MANIFEST).exists():
         manifest = read_manifest(out, stage, expect=header, also=also)
         print(f"{stage}: {out} is complete ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
         return manifest
     shards = [(split, index) for split, count in counts.items() for index in range(count)]
     index, count = task
-    todo = [s for s in shards[index::count] if completed_record(out, *s) is None]
+    todo = [s for s in owned_shards(shards, index, count) if completed_record(out, *s) is None]
     print(f"{stage}: task {index}/{count}: {len(todo)} of {len(shards)} shards to write into {out}")
     with stage_run(cfg, stage, header["config_hash"], task) as tracker:
         start = time.perf_counter()
@@ -100,7 +110,7 @@ def run_sharded(
         seconds = time.perf_counter() - start
         tracker.metrics({"tokens_written": tokens, "shards_written": len(todo),
                          "tokens_per_s": tokens / seconds if seconds > 0 else 0.0})
-        manifest = finalize_manifest(out, header, counts)
+        manifest = finalize_manifest(out, header, counts, summary)
         if manifest is None:
             print(f"{stage}: task {index}/{count} done; the manifest is written when the other tasks finish")
             return None

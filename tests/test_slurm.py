@@ -109,7 +109,7 @@ def test_resubmits_only_missing_tasks(cluster, tmp_path, tracking_uri):
     out = tmp_path / "resubmit" / "tokens"
     complete = tree_bytes(out)
     (out / "manifest.json").unlink()
-    (out / "shard-000001.tar").unlink()  # task 1 owns train shards 1, 3, ...
+    (out / "shard-000003.tar").unlink()  # task 1 of 2 owns the second block: train shards 2 and 3, held-out 0
     proc = launch(config, "--stages", "tokenize", "--cluster", str(cluster), "--wait")
     assert "(array tasks 1)" in proc.stdout, proc.stdout
     assert tree_bytes(out) == complete

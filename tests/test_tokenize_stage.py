@@ -6,10 +6,12 @@ import pytest
 
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.config import load_config
+from pipeline.corpus import plan_shards
 from pipeline.errors import ShardError
 from pipeline.shards import MANIFEST, read_manifest, read_shard
+from pipeline.stage import owned_shards
 
-from conftest import BACKBONE, ROOT, run_stage, tree_bytes
+from conftest import BACKBONE, CORPUS, ROOT, run_stage, tree_bytes
 
 STAGE = "tokenize_corpus.py"
 
@@ -191,3 +193,79 @@ def test_a_hub_dataset_is_checked_against_its_metadata(write_config, tmp_path):
                         r"the first 200\), fewer than the 201,024 that data.budget_tokens and data.heldout_tokens ask for")
     run_stage(STAGE, "--config", config, "data.budget_tokens=8192")
     assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["splits"]["train"]["tokens"] == 8192
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory, tracking_uri, assets):
+    """The six corpus files in three read groups of two (a copy, so a test may spoil one), tokenized
+    by one task: (folder of the copy, data section, output of the single run)."""
+    import shutil
+
+    import yaml
+
+    from conftest import small_config
+
+    folder = tmp_path_factory.mktemp("grouped")
+    for path in CORPUS.glob("*.jsonl"):
+        shutil.copy(path, folder / path.name)
+    data = {"files": [str(folder / "*.jsonl")], "read_groups": 3, "budget_tokens": 16384}
+    config = folder / "one.yaml"
+    config.write_text(yaml.safe_dump(small_config(folder / "one", tracking_uri, data=data)))
+    run_stage(STAGE, "--config", config)
+    return folder, data, folder / "one" / "tokens"
+
+
+def test_read_groups_give_the_same_bytes_for_any_task_count(grouped, write_config, tmp_path):
+    folder, data, one = grouped
+    config = write_config("three.yaml", run_dir=tmp_path / "three", data=data)
+    for i in (2, 0, 1):
+        run_stage(STAGE, "--config", config, "--task-index", i, "--num-tasks", 3)
+    assert tree_bytes(tmp_path / "three" / "tokens") == tree_bytes(one)
+    specs = plan_shards(load_config(config).data)
+    assert [s.group for s in specs if s.split == "train"] == sorted(s.group for s in specs if s.split == "train")
+    assert {s.group for s in specs} == {0, 1, 2}  # shares by size: python-docs + shakespeare get the most
+
+
+def test_a_task_reads_only_the_groups_of_its_shards(grouped, write_config, tmp_path):
+    """A bad record in a file of group 2 stops only the task whose block of shards comes from group 2."""
+    folder, data, _ = grouped
+    spoiled = tmp_path / "spoiled"
+    spoiled.mkdir()
+    for path in folder.glob("*.jsonl"):
+        (spoiled / path.name).write_bytes(path.read_bytes())
+    last = spoiled / "shakespeare.jsonl"  # the second file of group 2
+    body = last.read_bytes()
+    cut = body.rindex(b"\n", 0, len(body) - 1) + 1
+    last.write_bytes(body[:cut] + b"x" + body[cut + 1:])  # the last line is no longer JSON; the size is kept
+    config = write_config("spoiled.yaml", run_dir=tmp_path / "run", data={**data, "files": [str(spoiled / "*.jsonl")]})
+    specs = plan_shards(load_config(config).data)
+    blocks = [{s.group for s in owned_shards(specs, i, 3)} for i in range(3)]
+    assert 2 not in blocks[0] and 2 in blocks[2], blocks
+    run_stage(STAGE, "--config", config, "--task-index", 0, "--num-tasks", 3)
+    failed = run_stage(STAGE, "--config", config, "--task-index", 2, "--num-tasks", 3, check=False)
+    assert failed.returncode == 2 and failed.stderr.startswith(f"error: data.files: {last}:"), failed.stderr
+
+
+def test_a_killed_task_keeps_the_groups_it_packed(grouped, write_config, tmp_path):
+    """Killed while packing group 1, a task has kept group 0's shards; the rerun writes the rest, and
+    the bytes are those of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, data, one = grouped
+    config = write_config("killed.yaml", run_dir=tmp_path / "run", data=data)
+    out = tmp_path / "run" / "tokens"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / STAGE), "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / ".parts" / "scan-group-0001.json").exists():  # group 0 is packed: group 1 begins
+        assert proc.poll() is None, "tokenize ended before packing its second group"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    specs = plan_shards(load_config(config).data)
+    group0 = sum(s.group == 0 for s in specs)
+    rerun = run_stage(STAGE, "--config", config)
+    assert f"task 0/1: {len(specs) - group0} of {len(specs)} shards to write" in rerun.stdout, rerun.stdout
+    assert tree_bytes(out) == tree_bytes(one)
