@@ -441,6 +441,9 @@ class ClusterConfig:
     """Shell run at the top of every job, e.g. "source .venv/bin/activate"."""
     slurm_conf: str = ""
     """SLURM_CONF for sbatch/squeue/scontrol; empty: the site's default."""
+    hub_offline: bool = False
+    """Jobs run with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set (compute nodes without internet: models and
+    datasets come from the HF cache); false: jobs may reach the hub, whatever the submitting shell set."""
     tracking_uri: str = ""
     """MLflow server every job logs to (e.g. http://login1:5000 from `make mlflow-server`) when the recipe
     names none; empty: the sqlite file of the run root (one writer at a time on a shared filesystem)."""

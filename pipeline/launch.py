@@ -172,8 +172,11 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
         os.environ["MLFLOW_TRACKING_URI"] = cluster.tracking_uri
     if whole_chain:
         open_parent(cfg)
-    # sbatch exports the submitter's environment to the job: the parent run id, and these
-    os.environ.update(BALCONY_ENV_SETUP=cluster.env_setup, BALCONY_ROOT=str(ROOT))
+    # sbatch exports the submitter's environment to the job: the parent run id, and these; the hub is
+    # offline in the jobs only where the site says so (`make` sets it offline for this machine's runs)
+    offline = "1" if cluster.hub_offline else "0"
+    os.environ.update(BALCONY_ENV_SETUP=cluster.env_setup, BALCONY_ROOT=str(ROOT), HF_HUB_OFFLINE=offline,
+                      HF_DATASETS_OFFLINE=offline)
     jobs, previous = [], None
     for stage in stages:
         name = f"balcony-{stage}"

@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
     site = state / "site.yaml"
     site.write_text(yaml.safe_dump({
         "partition": "local", "env_setup": f"source {ROOT}/.venv/bin/activate" if (ROOT / ".venv").exists() else "",
-        "slurm_conf": str(state / "slurm.conf"), "array_tasks": 2,
+        "slurm_conf": str(state / "slurm.conf"), "array_tasks": 2, "hub_offline": True,
         "tokenize": {"mem": "2G"}, "teacher": {"mem": "2G"}, "train": {"nodes": 2, "tasks_per_node": 1, "mem": "2G"}, "evaluate": {"mem": "2G"}}))
     yield site
     subprocess.run([str(ROOT / "cluster/local/stop.sh")], env=env, capture_output=True, text=True, timeout=120)
@@ -72,8 +72,9 @@ def test_make_pipeline_on_slurm(cluster, tmp_path, tracking_uri):
 
     jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
     assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "train-exits", "evaluate"]
-    for stage in ("tokenize", "teacher-logits"):  # one log per array task
-        assert len(list((run / "logs").glob(f"{stage}-*_[01].log"))) == 2
+    for stage in ("tokenize", "teacher-logits"):  # one log per array task, offline as the site asks
+        logs = list((run / "logs").glob(f"{stage}-*_[01].log"))
+        assert len(logs) == 2 and all("(hub offline: 1)" in log.read_text() for log in logs)
     train_log = Path(jobs[2]["log"]).read_text()
     assert "on n[1-2]: 2 processes" in train_log and "train-exits (exits): 2 ranks" in train_log, train_log[-2000:]
     assert len(re.findall(r"^step \d+/3 ", train_log, re.M)) == 3
