@@ -155,10 +155,11 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     from pipeline.launch import load_jobs, slurm, wait
 
     site = yaml.safe_load(cluster.read_text())
-    site.update(array_tasks=1, requeue_grace_s=50, teacher={"mem": "2G", "time": "1"})  # signalled 10-40 s in
+    # the warning is due 30 s in and comes within SLURM's ~30 s check: after ~20 s of work, before its ~60 s end
+    site.update(array_tasks=1, requeue_grace_s=90, teacher={"mem": "2G", "time": "2"})
     limited = tmp_path / "limited.yaml"
     limited.write_text(yaml.safe_dump(site))
-    data = {"budget_tokens": 24576}  # ~40 s of teacher work here: past the signal, shard by shard
+    data = {"budget_tokens": 49152}  # ~60 s of teacher work here (800 tokens/s), 25 shards
     config = _config(tmp_path, tracking_uri, "requeue", data=data, teacher={"k": 8})
     launch(config, "--stages", "tokenize")
     launch(config, "--stages", "teacher-logits,train-exits", "--cluster", str(limited))
@@ -173,8 +174,8 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     assert wait(sites, [teacher, train])
     log = Path(teacher.log.replace("%a", "0")).read_text()
     assert "stopped before the time limit" in log and "requeued (restart 1)" in log, log[-3000:]
-    resumed = re.search(r"task 0/1: (\d+) of 13 shards to write", log.split("requeued (restart 1)")[1])
-    assert resumed and int(resumed[1]) < 13, log[-3000:]  # the shards committed before the signal were kept
+    resumed = re.search(r"task 0/1: (\d+) of 25 shards to write", log.split("requeued (restart 1)")[1])
+    assert resumed and int(resumed[1]) < 25, log[-3000:]  # the shards committed before the signal were kept
     assert "step 3/3" in Path(train.log).read_text()
 
     reference = _config(tmp_path, tracking_uri, "uninterrupted", data=data, teacher={"k": 8})
