@@ -1,5 +1,5 @@
 """ZeRO-3 with a frozen backbone: the bytes each rank gathers per micro-batch, measured, against
-`make plan`'s model of them (the prefix up to the deepest exit, once per micro-batch).
+`make plan`'s model of them (plan.zero3_gathered_bytes).
 
 Run under the deepspeed launcher (2 ranks share the CPU cores here; on a GPU node, GPUs):
 
@@ -33,8 +33,8 @@ VARIANTS = {
     "shipped": {},
     # parameters released as soon as a module is done with them: what reuse across loss chunks saves
     "no reuse": {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 0},
-    # every frozen matrix of this model below the threshold: kept whole on every rank, never gathered
-    "backbone persistent": {"stage3_param_persistence_threshold": 10**9},
+    # every parameter below the persistence threshold: kept whole on every rank
+    "all persistent": {"stage3_param_persistence_threshold": 10**9},
 }
 
 
@@ -48,12 +48,13 @@ class GatherCounter:
             setattr(dist, name, self._wrap(original))
 
     def _wrap(self, original):
-        def gather(output, *args, **kwargs):
-            if self.counting:
+        def gather(*args, **kwargs):
+            if self.counting:  # the output: the first argument, by position or by name
+                output = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
                 tensors = output if isinstance(output, list) else [output]
                 self.bytes += sum(t.numel() * t.element_size() for t in tensors)
                 self.calls += 1
-            return original(output, *args, **kwargs)
+            return original(*args, **kwargs)
         return gather
 
 
@@ -75,16 +76,16 @@ def main() -> int:
     from pipeline.balcony import BalconyModel
     from pipeline.distributed import init_distributed
     from pipeline.losses import exit_losses
-    from pipeline.plan import architecture
+    from pipeline.plan import architecture, zero3_gathered_bytes
     from pipeline.training import deepspeed_config
 
     rank, world, device = init_distributed()
     cfg = load_config(ROOT / "configs/demo.yaml", [
         f"model.num_layers={args.layers}", f"exits.depths=[{args.exits}]", "exits.init=last_layer",
-        f"data.seq_len={args.seq}", f"train.micro_batch_size={args.micro}", "train.zero_stage=3",
+        f"data.seq_len={args.seq}", f"train.micro_batch_size={args.micro}", "train.zero_stage=3", "train.baselines=[]",
         f"train.tokens_per_step={args.micro * args.seq * world}", "train.autocast_bf16=false"])
     arch = architecture(cfg, gpu=device.type == "cuda")
-    predicted = arch.prefix_params(max(cfg.exits.depths)) * arch.dtype_bytes  # make plan's figure
+    predicted = zero3_gathered_bytes(arch, cfg, cfg.exits.depths)  # make plan's figure
     ids = random_ids(args.micro, args.seq, arch.vocab, seed=rank)
     rows = []
     for name, settings in VARIANTS.items():
@@ -118,10 +119,12 @@ def main() -> int:
                   f"{counter.calls / args.steps:5.0f} all-gathers per micro-batch; {seconds:.2f} s per step", flush=True)
         engine.destroy()  # its hooks leave the model; the next variant builds its own
     if rank == 0:
-        print(f"make plan's model: the prefix to exit {max(cfg.exits.depths)}, {predicted / 2**20:.1f} MiB per micro-batch")
+        print(f"make plan's model: the prefix to exit {max(cfg.exits.depths)}, the embedding and head, the exits: "
+              f"{predicted / 2**20:.1f} MiB per micro-batch")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gathers.json").write_text(json.dumps({
-            "command": f"deepspeed --num_gpus {world} bench/zero3_gathers.py " + " ".join(sys.argv[1:]),
+            "command": f"deepspeed --num_gpus {world} bench/zero3_gathers.py "
+                       + " ".join(a for a in sys.argv[1:] if not a.startswith("--local_rank")),
             "ranks": world, "layers": args.layers, "exits": cfg.exits.depths, "seq_len": args.seq,
             "micro_batch": args.micro, "plan_bytes_per_micro_batch": predicted, "rows": rows}, indent=1))
     return 0

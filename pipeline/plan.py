@@ -90,6 +90,7 @@ class Architecture:
     attention_width: int  # heads x head_dim
     vocab: int
     head_params: int
+    embedding_params: int  # the input embedding's, when it is not the head's own weight
     total_params: int
     dtype_bytes: int  # of the weights as the stages load them
 
@@ -127,6 +128,7 @@ def architecture(cfg: Config, gpu: bool) -> Architecture:
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
         hidden=config.hidden_size, attention_width=config.num_attention_heads * head_dim,
         vocab=lm.lm_head.weight.shape[0], head_params=lm.lm_head.weight.numel(),
+        embedding_params=0 if lm.get_input_embeddings().weight is lm.lm_head.weight else lm.get_input_embeddings().weight.numel(),
         total_params=sum(p.numel() for p in lm.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
 
 
@@ -199,6 +201,14 @@ def planned_depths(cfg: Config, arch: Architecture) -> list[int]:
 
 def trained_params(arch: Architecture, kind: str, exits: int) -> int:
     return (arch.hidden * (arch.hidden + 1) if kind == "tuned_lens" else arch.layer_params[-1]) * exits
+
+
+def zero3_gathered_bytes(arch: Architecture, cfg: Config, depths: list[int]) -> float:
+    """What each rank all-gathers per micro-batch under ZeRO-3: the prefix to the deepest exit, the
+    embedding and the head, and the exits, each once (DeepSpeed keeps a gathered weight until its last
+    reuse; measured by bench/zero3_gathers.py)."""
+    exits = trained_params(arch, cfg.exits.kind, len(depths))
+    return (arch.prefix_params(max(depths)) + arch.head_params + arch.embedding_params + exits) * arch.dtype_bytes
 
 
 STATE_BYTES = 16  # per trained parameter: weights, gradients and AdamW states (bf16: + an fp32 master copy)
@@ -283,8 +293,7 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
         job = cluster.train
         flops = sum(train_flops_per_token(arch, d, kind, seq, share, online) for d, kind, share, online in runs)
         compute = train_tokens * flops / (world * rate.train_flops)
-        # ZeRO-3: each rank gathers the backbone's prefix once per micro-batch
-        gathered = arch.prefix_params(max(depths)) * arch.dtype_bytes * len(runs)
+        gathered = zero3_gathered_bytes(arch, cfg, depths) * len(runs)
         comm = (train_tokens / world / (cfg.train.micro_batch_size * seq) * gathered / rate.network_bytes_per_s
                 if cfg.train.zero_stage == 3 and world > 1 else 0.0)
         plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
