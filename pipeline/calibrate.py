@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.plan import architecture, train_flops_per_token
+from pipeline.plan import architecture, planned_depths, train_flops_per_token
 
 MIN_SECONDS = 5.0  # timing repeats until it has run this long (and at least twice)
 
@@ -99,9 +99,9 @@ def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]
     ids = random_ids(cfg.teacher.batch_size, seq, arch.vocab)
     keys = [f"sample-{i}" for i in range(len(ids))]
     seconds = timed(lambda: teacher.targets(ids, keys), min_seconds)
-    rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * (arch.prefix_flops(arch.layers, seq) + arch.head_flops) / seconds
+    rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * arch.forward_flops(seq) / seconds
 
-    depths = cfg.exits.depths if cfg.exits.depths != "auto" else [arch.layers // 2]
+    depths = planned_depths(cfg, arch)
     model = BalconyModel(lm, depths, cfg.exits.kind, cfg.exits.init).to(device)
     seconds = timed(exits_step(model, teacher, cfg, online=False), min_seconds)
     per_token = train_flops_per_token(arch, depths, cfg.exits.kind, seq, cfg.train.loss_positions, False)

@@ -20,11 +20,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from pipeline.config import AUTO, ClusterConfig, Config, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.errors import ConfigError
 from pipeline.registry import EVALUATE, SEARCH_EXITS, TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
 from pipeline.targets import TargetFormat
+from pipeline.training import uses_bf16
 
 FIT = 0.8  # share of a time limit a task may plan to use: the rest absorbs startup and the estimate's error
 GIB = 1 << 30
@@ -104,6 +107,10 @@ class Architecture:
     def prefix_flops(self, depth: int, seq_len: int) -> float:
         return sum(self.layer_flops(i, seq_len) for i in range(depth))
 
+    def forward_flops(self, seq_len: int) -> float:
+        """The whole model's forward, head included: the teacher's work per token."""
+        return self.prefix_flops(self.layers, seq_len) + self.head_flops
+
     def prefix_params(self, depth: int) -> int:
         return sum(self.layer_params[:depth])
 
@@ -113,8 +120,6 @@ class Architecture:
 
 
 def architecture(cfg: Config, gpu: bool) -> Architecture:
-    import torch
-
     from pipeline.backbone import backbone_on_meta, resolve_dtype
     from pipeline.decoder import Decoder
 
@@ -222,7 +227,7 @@ def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world:
     b, zero, n = arch.dtype_bytes, cfg.train.zero_stage, len(depths)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     exit_params = trained_params(arch, cfg.exits.kind, n)
-    bf16 = gpu if cfg.train.precision == "auto" else cfg.train.precision == "bf16"
+    bf16 = uses_bf16(cfg, torch.device("cuda" if gpu else "cpu"))
     param, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)  # bf16: fp32 master + AdamW m, v
     per_token_layer = arch.layer_params[-1] / arch.hidden  # ~ width of a layer's intermediates
     return {
@@ -283,7 +288,7 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
                           f"each task reads the read groups its shards come from (of {cfg.data.read_groups})"))
     if TEACHER_LOGITS.name in stages and cfg.reads_cached_targets():
         fmt = TargetFormat(cfg.teacher, arch.vocab)
-        flops = arch.prefix_flops(arch.layers, seq) + arch.head_flops
+        flops = arch.forward_flops(seq)
         teacher = array(TEACHER_LOGITS.name, cluster.teacher, "teacher", flops / rate.teacher_flops, flops,
                         tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
         teacher.memory = teacher_memory(arch, cfg, gpu)
@@ -327,7 +332,7 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
         plans[-1].bytes_written = checkpoint * cfg.train.keep_checkpoints
     if EVALUATE.name in stages:
         scored = cfg.data.heldout_tokens + len(cfg.eval.data) * cfg.eval.data_tokens
-        per_token = (arch.prefix_flops(arch.layers, seq) + arch.head_flops
+        per_token = (arch.forward_flops(seq)
                      + len(depths) * (len(kinds) * (exit_flops(arch, "balcony", seq) + arch.head_flops) + arch.head_flops))
         plans.append(StagePlan(EVALUATE.name, cluster.evaluate, scored, per_token, 1, max(1, cluster.evaluate.gpus_per_node),
                                scored * per_token / rate.evaluate_flops, 0,

@@ -216,11 +216,12 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
             if step in cfg.train.snapshots:
                 export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))
             # SLURM's warning before the time limit (on any rank): checkpoint, and stop for the requeue
-            stopping = torch.tensor([float(time_limit_signalled())], device=device)
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stopping.item():
+            signalled = torch.tensor([float(time_limit_signalled())], device=device)
+            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+            stopping = bool(signalled.item())
+            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stopping:
                 save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
-            if stopping.item() and step < total_steps:
+            if stopping and step < total_steps:
                 dist.barrier()  # rank 0 has moved `latest`: no rank exits (and srun stops the others) before
                 raise TimeLimit(f"{stage.name} ({name}): stopped at step {step} of {total_steps}, checkpointed")
         export(model, out, fingerprint, rank, trained(step))

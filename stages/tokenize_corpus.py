@@ -40,11 +40,10 @@ def tokens_header(cfg: Config, tokenizer) -> dict:
     }
 
 
-def scan_group(cfg: Config, group: Group, specs: list[ShardSpec], tokenizer) -> Scan:
+def scan_group(cfg: Config, group: Group, specs: list[ShardSpec], encode, tokenizer) -> Scan:
     """Read every record of a read group before anything is written: a bad one is refused (or counted),
     and a budget share its files cannot fill is refused."""
     scan = scan_sources(cfg.data, group=group)
-    encode = document_encoder(tokenizer)
     if cfg.data.read_groups == 1 or cfg.data.source == "hub":  # a hub card counts the whole split only
         check_budget(cfg.data, scan, encode, tokenizer)
     else:
@@ -68,9 +67,10 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     groups = source_groups(cfg.data)
     specs = plan_shards(cfg.data, groups)
+    encode = document_encoder(tokenizer)
     # the groups this task reads: those its shards still to write come from, each read once up front
     reading = sorted({s.group for s in owned_shards(specs, *task) if completed_record(out, s.split, s.index) is None})
-    scans = {g: scan_group(cfg, groups[g], specs, tokenizer) for g in reading}
+    scans = {g: scan_group(cfg, groups[g], specs, encode, tokenizer) for g in reading}
 
     def write(todo, tracker) -> int:
         wanted = set(todo)
@@ -80,7 +80,7 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
             for g in reading:
                 atomic_write(scan_record(out, g), json.dumps({"skipped_records": scans[g].skipped}).encode(), shared=True)
                 documents = stream_documents(cfg.data, tokenizer, group=groups[g])
-                for spec, sequences in pack_shards(specs, owned, documents, document_encoder(tokenizer), cfg.data, group=g):
+                for spec, sequences in pack_shards(specs, owned, documents, encode, cfg.data, group=g):
                     write_shard(out, spec.split, spec.index, samples(spec.split, spec.index, sequences))
                     bar.update(sequences.size)
         return total
@@ -88,13 +88,13 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     def summary() -> dict:
         """The bad records left out, over the groups that fill shards (a directory of an earlier
         version, finished before groups were recorded, is scanned now)."""
-        skipped = 0
-        for g in sorted({s.group for s in specs}):
-            if not scan_record(out, g).exists():
-                skipped += scan_sources(cfg.data, group=groups[g]).skipped
-                continue
-            skipped += json.loads(scan_record(out, g).read_text())["skipped_records"]
-        return {"skipped_records": skipped}
+        def skipped(g: int) -> int:
+            record = scan_record(out, g)
+            if record.exists():
+                return json.loads(record.read_text())["skipped_records"]
+            return scan_sources(cfg.data, group=groups[g]).skipped
+
+        return {"skipped_records": sum(skipped(g) for g in {s.group for s in specs})}
 
     # earlier versions pinned skipped_records in the header; it is the manifest's summary now
     run_sharded(cfg, STAGE.tag, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write,
