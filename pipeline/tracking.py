@@ -117,7 +117,12 @@ def _connect(cfg: Config):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.run.experiment) is None:
-        mlflow.create_experiment(cfg.run.experiment, artifact_location=_artifact_root(uri))
+        try:
+            mlflow.create_experiment(cfg.run.experiment, artifact_location=_artifact_root(uri))
+        except mlflow.exceptions.MlflowException:
+            # An array's tasks start together: another one may have created it since we looked.
+            if mlflow.get_experiment_by_name(cfg.run.experiment) is None:
+                raise
     mlflow.set_experiment(cfg.run.experiment)
     return mlflow
 

@@ -68,7 +68,9 @@ def test_concurrent_stage_runs_and_a_server_that_goes_away(server, tmp_path):
     assert runs["metrics.shards_written"].sum() == 34 and runs["metrics.tokens_written"].notna().all()
     client = mlflow.MlflowClient()
     with_manifest = [r for r in runs["run_id"] if "manifest.json" in [a.path for a in client.list_artifacts(r)]]
-    assert len(with_manifest) == 1  # the task that committed the last shard, through the server's artifact proxy
+    # Logged through the server's artifact proxy by the task that saw the last shard in (tasks finishing
+    # together may both write the same manifest, see shards.atomic_write), not by every task.
+    assert 1 <= len(with_manifest) < TASKS
 
     stop()
     started = time.perf_counter()
