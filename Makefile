@@ -165,12 +165,17 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Two pytest workers: most tests wait on one-thread subprocesses, SLURM or a server, so a second
+# worker fills the idle core. Each test file stays on one worker (conftest.py groups them).
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
 test: assets system-deps
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 # Without root or system services: every test but those marked `system` (SLURM, Chromium, tmpfs).
 test-unit: assets
-	$(PY) -m pytest tests -m "not system"
+	$(PYTEST) tests -m "not system"
 
 bench: assets
 	$(PY) bench/teacher_bench.py

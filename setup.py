@@ -28,6 +28,6 @@ setup(
         "lm-eval>=0.4.13,<0.5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3", "pytest-xdist>=3.5,<4"],
     },
 )

@@ -83,6 +83,20 @@ def losses_by_step(stdout: str) -> dict[int, list[float]]:
     return {int(m.group(1)): [float(v) for v in re.findall(r"kl@\d+ (\S+)", m.group(3))] for m in STEP.finditer(stdout)}
 
 
+# ---------------------------------------------------------------- parallel workers (`make test`)
+
+# Files that share a session fixture (the finished tiny pipeline, the ledger) run on one worker.
+SHARED_WORKER = {"test_bad_input.py": "tiny_pipeline", "test_faults.py": "tiny_pipeline"}
+
+
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n N --dist loadgroup`, keep each file on one worker, so its module fixtures
+    (a SLURM cluster, a trained run) are built once."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(name, name)))
+
+
 # ---------------------------------------------------------------- fault and bad-input ledger
 
 LEDGER: list[dict] = []
