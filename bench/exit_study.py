@@ -40,17 +40,18 @@ COMMON = [*STUDY_DATA, "eval.speed=false"]
 def recipe(lr: float, tokens_per_step: int, micro_batch: int, tokens: int = DEMO_TOKENS, schedule: str = "cosine",
            init: str = "last_layer", autocast: bool = False, nproc: int = 1, warmup: float = 0.01,
            kind: str = "balcony", objective: str = "kl", chunk: int = 1024, data_tokens: int = 0,
-           online: bool = False, teacher: tuple[str, ...] = (), beta2: float = 0.999) -> dict:
+           online: bool = False, teacher: tuple[str, ...] = (), beta2: float = 0.999, positions: float = 1.0) -> dict:
     """Every training key spelled out, so a row means the same whatever configs/demo.yaml says later.
     `data_tokens`: train on only the first shards worth that many tokens (several epochs if `tokens` is more);
     `online`: the backbone's own full forward as the teacher (exact KL) instead of cached targets;
-    `teacher`: teacher-logits overrides for targets made for this row (another format or size)."""
+    `teacher`: teacher-logits overrides for targets made for this row (another format or size);
+    `positions`: the share of positions the head and loss read (train.loss_positions)."""
     overrides = [f"train.lr={lr}", f"train.tokens_per_step={tokens_per_step}", f"train.micro_batch_size={micro_batch}",
                  f"train.max_steps={tokens // tokens_per_step}", f"train.schedule={schedule}",
                  f"train.warmup_fraction={warmup}", f"train.autocast_bf16={str(autocast).lower()}",
                  f"train.objective={objective}", f"train.chunk_size={chunk}", f"exits.init={init}",
                  f"exits.kind={kind}", f"train.online_teacher={str(online).lower()}", f"train.adam_beta2={beta2}",
-                 "train.checkpoint_every=100000"]
+                 f"train.loss_positions={positions}", "train.checkpoint_every=100000"]
     return {"nproc": nproc, "tokens": tokens, "data_tokens": data_tokens, "teacher": list(teacher), "overrides": overrides}
 
 
@@ -76,6 +77,9 @@ ROWS = {
     "sampled_64": recipe(4e-3, 1024, 2, init="next_layer", autocast=True,
                          teacher=("teacher.format=sampled", "teacher.samples=64")),
     "topk_128": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, teacher=("teacher.k=128",)),
+    # a cheaper step (the head and loss on a quarter of the positions): at equal tokens, and at twice them
+    "positions_0.25": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, positions=0.25),
+    "positions_0.25_2x": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, positions=0.25, tokens=2 * DEMO_TOKENS),
     "2x_tokens": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, tokens=2 * DEMO_TOKENS),
     "2_epochs": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, tokens=2 * DEMO_TOKENS, data_tokens=DEMO_TOKENS),
     # the baselines, trained like the exits
