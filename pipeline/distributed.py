@@ -57,17 +57,31 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
 
 
-STALE_LOCK_S = 600  # the shared-memory op builds in about a minute
+STALE_LOCK_S = 600  # the shared-memory op builds in 1-2 minutes alone, 10-15 on two busy cores
+
+
+def _build_running(directory: Path) -> bool:
+    """Whether a process on this machine works in `directory`: torch runs ninja, and ninja the
+    compiler, there."""
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)) == directory:
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
 
 
 def refuse_stale_build_lock(op: str) -> None:
     """DeepSpeed's CPU collectives JIT-build a torch extension on a machine's first run, under a lock
     file. A build killed mid-way leaves the lock, and every later start then waits on it forever,
-    silently: refuse instead, naming the file."""
+    silently: refuse instead, naming the file. A lock is stale when it is old and no build runs
+    here (a slow build on a loaded machine holds it for good reason)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+    directory = Path(_get_build_directory(op, verbose=False)).resolve()
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S and not _build_running(directory):
         raise PipelineError(f"{lock}: left by a build of DeepSpeed's {op} op that was killed "
                             f"{(time.time() - lock.stat().st_mtime) / 60:.0f} min ago; every start would wait on it "
                             "forever: remove the file (the op is rebuilt on the next start)")

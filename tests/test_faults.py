@@ -215,7 +215,8 @@ def test_injected_write_error_then_rerun(finished_run, tmp_path, tracking_uri, m
 
 def test_a_killed_first_build_of_deepspeeds_cpu_op_is_named_not_waited_on(tmp_path, monkeypatch):
     """The lock a killed JIT build of DeepSpeed's shared-memory op leaves would make every later start
-    wait forever: an old one is refused in one line naming it; a build under way (a fresh lock) is not."""
+    wait forever: an old one is refused in one line naming it; a build under way (a fresh lock, or an
+    old one with a process working in the build folder) is not."""
     from pipeline.distributed import STALE_LOCK_S, refuse_stale_build_lock
     from pipeline.errors import PipelineError
 
@@ -228,3 +229,9 @@ def test_a_killed_first_build_of_deepspeeds_cpu_op_is_named_not_waited_on(tmp_pa
     os.utime(lock, (old, old))
     with pytest.raises(PipelineError, match=f"{lock}: left by a build of DeepSpeed's deepspeed_shm_comm op"):
         refuse_stale_build_lock("deepspeed_shm_comm")
+    compiler = subprocess.Popen(["sleep", "60"], cwd=lock.parent)  # a slow build on a loaded machine, as ninja runs it
+    try:
+        refuse_stale_build_lock("deepspeed_shm_comm")
+    finally:
+        compiler.kill()
+        compiler.wait()
