@@ -165,9 +165,9 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# Two pytest workers: most tests wait on one-thread subprocesses, SLURM or a server, so a second
-# worker fills the idle core. Each test file stays on one worker (conftest.py groups them).
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest workers (each test file stays on one, conftest.py groups them); 0 runs
+# the tests in one process, as CI does until a two-worker run is timed against it.
+TEST_WORKERS ?= 0
 PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: assets system-deps

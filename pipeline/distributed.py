@@ -53,8 +53,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(index)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda:
+        _release_shm_workspace(int(env["RANK"]))
     device = torch.device("cuda", index) if cuda else torch.device("cpu")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+
+
+def _release_shm_workspace(rank: int) -> None:
+    """DeepSpeed's CPU collectives give each rank a 66 MB segment in /dev/shm and never unlink it, so
+    every run leaves them behind until the machine runs out of memory. Once every rank has mapped
+    every segment (init_distributed maps them; the barrier waits for all ranks), unlink ours: the
+    mappings live on, and the memory goes back when the last rank exits, however it exits."""
+    env = os.environ
+    segment = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                                  f"{env.get('MASTER_PORT', '')}_{rank}")
+    if segment.exists():  # only when all ranks are on this machine (DeepSpeed's LOCAL_SIZE rule)
+        torch.distributed.barrier()
+        segment.unlink(missing_ok=True)
 
 
 STALE_LOCK_S = 600  # the shared-memory op builds in 1-2 minutes alone, 10-15 on two busy cores
