@@ -41,6 +41,7 @@ DATA = [f"data.budget_tokens={SCALE * DEMO_TOKENS}"]
 # 64 new tokens (2x the demo's, for a steadier acceptance rate): decode latency, self-speculative
 # decoding and HF assisted generation per exit (speed makes a point ~9 minutes on 2 cores, not ~3)
 EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=64", "eval.repeats=1"]
+EXTRAPOLATION = 100  # the speedup trend's crossing of 1.0x is reported up to this factor past the last point
 SPEED_STEPS = [DEMO_TOKENS // TOKENS_PER_STEP, 2 * DEMO_TOKENS // TOKENS_PER_STEP, SCALE * DEMO_TOKENS // TOKENS_PER_STEP]
 
 
@@ -99,7 +100,8 @@ def trends(points: list[dict]) -> list[dict]:
     """Per exit, fitted on the points from the demo's budget on (the early points are warm-up):
     KL = a T^-b and the tokens where it reaches 1.5; self-speculative speedup linear in log10 T
     (on the points that measured it) and the tokens where it reaches 1.0 (where self-speculation
-    starts to pay)."""
+    starts to pay), given only within EXTRAPOLATION x the largest budget measured: three noisy
+    points do not carry a straight line further."""
     late = [p for p in points if p["tokens"] >= DEMO_TOKENS]
     if len(late) < 3:
         return []
@@ -113,8 +115,9 @@ def trends(points: list[dict]) -> list[dict]:
                  if "speculative" in kinds(p, "balcony")[i]]
         if len(timed) >= 3:
             slope, intercept = np.polyfit(np.log10([t for t, _ in timed]), [s for _, s in timed], 1)
+            crossing = 10 ** ((1 - intercept) / slope) if slope > 0 else math.inf
             fit.update(speedup_per_decade=slope, speedup_intercept=intercept,
-                       tokens_to_speedup_1=10 ** ((1 - intercept) / slope) if slope > 0 else None)
+                       tokens_to_speedup_1=crossing if crossing <= EXTRAPOLATION * max(tokens) else None)
         out.append(fit)
     return out
 
@@ -146,7 +149,8 @@ def table(points: list[dict], fits: list[dict]) -> str:
                  + (f", 1.5 nats at ~{f['tokens_to_kl_1.5']:,.0f} tokens" if f["tokens_to_kl_1.5"] else ""))
         if "speedup_per_decade" in f:
             text += (f"; speculative speedup {f['speedup_per_decade']:+.3f} per 10x tokens"
-                     + (f", 1.0x at ~{f['tokens_to_speedup_1']:.2g} tokens" if f["tokens_to_speedup_1"] else ", not rising"))
+                     + (f", 1.0x at ~{f['tokens_to_speedup_1']:.2g} tokens" if f["tokens_to_speedup_1"]
+                        else f", 1.0x not within {EXTRAPOLATION}x the tokens measured"))
     return text + "\n"
 
 
