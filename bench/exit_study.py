@@ -76,6 +76,12 @@ ROWS = {
     # the same bytes per position as top-64 (64 x (16-bit id + 12-bit log-prob) = 224 B): 64 draws
     "sampled_64": recipe(4e-3, 1024, 2, init="next_layer", autocast=True,
                          teacher=("teacher.format=sampled", "teacher.samples=64")),
+    # the two that beat lr4e-3 at 1,024 tokens per step (sampled targets, WSD) at the demo's 512, alone and together
+    "sampled_64_512": recipe(4e-3, 512, 1, init="next_layer", autocast=True,
+                             teacher=("teacher.format=sampled", "teacher.samples=64")),
+    "512_wsd": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd"),
+    "512_wsd_sampled_64": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd",
+                                 teacher=("teacher.format=sampled", "teacher.samples=64")),
     "topk_128": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, teacher=("teacher.k=128",)),
     # a cheaper step (the head and loss on a quarter of the positions): at equal tokens, and at twice them
     "positions_0.25": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, positions=0.25),

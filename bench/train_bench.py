@@ -10,6 +10,7 @@ so that its peak does not include the teacher's forward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -22,7 +23,7 @@ import torch
 
 from pipeline.backbone import load_backbone, load_tokenizer
 from pipeline.balcony import BalconyModel
-from pipeline.config import ModelConfig, TeacherConfig, load_config
+from pipeline.config import ModelConfig, load_config
 from pipeline.losses import exit_losses
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
@@ -33,7 +34,7 @@ from common import BACKBONE, ROOT, corpus_batch
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-TEACHER = TeacherConfig(k=load_config(DEMO).teacher.k, fidelity_positions=0)
+TEACHER = dataclasses.replace(load_config(DEMO).teacher, fidelity_positions=0)  # the demo's target format
 
 
 def make_targets(batch: int, seq: int, out: str) -> None:
