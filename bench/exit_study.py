@@ -55,6 +55,9 @@ def recipe(lr: float, tokens_per_step: int, micro_batch: int, tokens: int = DEMO
     return {"nproc": nproc, "tokens": tokens, "data_tokens": data_tokens, "teacher": list(teacher), "overrides": overrides}
 
 
+# targets of the same bytes per position as top-64 (64 x (16-bit id + 12-bit log-prob) = 224 B): 64 draws
+SAMPLED_64 = ("teacher.format=sampled", "teacher.samples=64")
+
 ROWS = {
     # today's demo recipe: the paper's lr and schedule, 8,192 tokens per step, 2 ranks x 1 thread
     "paper": recipe(5e-4, 8192, 4, nproc=2),
@@ -73,15 +76,11 @@ ROWS = {
     "online_lr4e-3": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, online=True),
     "2_ranks": recipe(4e-3, 1024, 1, init="next_layer", autocast=True, nproc=2),
     "chunk_512": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, chunk=512),
-    # the same bytes per position as top-64 (64 x (16-bit id + 12-bit log-prob) = 224 B): 64 draws
-    "sampled_64": recipe(4e-3, 1024, 2, init="next_layer", autocast=True,
-                         teacher=("teacher.format=sampled", "teacher.samples=64")),
+    "sampled_64": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, teacher=SAMPLED_64),
     # the two that beat lr4e-3 at 1,024 tokens per step (sampled targets, WSD) at the demo's 512, alone and together
-    "sampled_64_512": recipe(4e-3, 512, 1, init="next_layer", autocast=True,
-                             teacher=("teacher.format=sampled", "teacher.samples=64")),
+    "sampled_64_512": recipe(4e-3, 512, 1, init="next_layer", autocast=True, teacher=SAMPLED_64),
     "512_wsd": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd"),
-    "512_wsd_sampled_64": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd",
-                                 teacher=("teacher.format=sampled", "teacher.samples=64")),
+    "512_wsd_sampled_64": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd", teacher=SAMPLED_64),
     "topk_128": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, teacher=("teacher.k=128",)),
     # a cheaper step (the head and loss on a quarter of the positions): at equal tokens, and at twice them
     "positions_0.25": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, positions=0.25),

@@ -1,7 +1,4 @@
-"""Reference learning curve: the embedded default (configs/demo.yaml) trained on 10x the demo's tokens.
-
-The recipe is the demo's as the committed curve measured it (top-64 targets, cosine: CURVE_OVERRIDES);
-configs/demo.yaml has since moved to sampled targets and WSD.
+"""Reference learning curve: the embedded default (configs/demo.yaml, with the recipe pinned in CURVE_OVERRIDES) trained on 10x the demo's tokens.
 
 One run of the real stages: tokenize and teacher-logits on 10x the demo's budget (1,310,720 tokens),
 train-exits with `train.snapshots` at log-spaced steps (every snapshot is an export like the final
