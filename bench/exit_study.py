@@ -58,6 +58,10 @@ def recipe(lr: float, tokens_per_step: int, micro_batch: int, tokens: int = DEMO
 # targets of the same bytes per position as top-64 (64 x (16-bit id + 12-bit log-prob) = 224 B): 64 draws
 SAMPLED_64 = ("teacher.format=sampled", "teacher.samples=64")
 
+# configs/demo.yaml's recipe at the study's tokens: two epochs of 163,840 with the loss on a quarter of the positions
+DEMO_RECIPE = dict(lr=4e-3, tokens_per_step=512, micro_batch=1, init="next_layer", autocast=True, schedule="wsd",
+                   teacher=SAMPLED_64, positions=0.25, tokens=2 * DEMO_TOKENS, data_tokens=DEMO_TOKENS)
+
 ROWS = {
     # today's demo recipe: the paper's lr and schedule, 8,192 tokens per step, 2 ranks x 1 thread
     "paper": recipe(5e-4, 8192, 4, nproc=2),
@@ -87,9 +91,14 @@ ROWS = {
     "positions_0.25_2x": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, positions=0.25, tokens=2 * DEMO_TOKENS),
     "2x_tokens": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, tokens=2 * DEMO_TOKENS),
     "2_epochs": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, tokens=2 * DEMO_TOKENS, data_tokens=DEMO_TOKENS),
-    # the baselines, trained like the exits
-    "tuned_lens": recipe(4e-3, 1024, 2, autocast=True, kind="tuned_lens"),
-    "ce_exits": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, objective="ce"),
+    # the demo's recipe with the cheaper step: twice the steps at the same cost, on fresh tokens or
+    # as two epochs of the same (which costs no more teacher time)
+    "512_wsd_sampled_64_pos0.25_2x": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd",
+                                            teacher=SAMPLED_64, positions=0.25, tokens=2 * DEMO_TOKENS),
+    "512_wsd_sampled_64_pos0.25_2_epochs": recipe(**DEMO_RECIPE),
+    # the baselines, trained like the demo's exits
+    "tuned_lens": recipe(**DEMO_RECIPE, kind="tuned_lens"),
+    "ce_exits": recipe(**DEMO_RECIPE, objective="ce"),
 }
 
 
@@ -101,13 +110,13 @@ def stage_command(script: str, nproc: int, overrides: list[str], config: Path = 
     return [str(python), *args]
 
 
-def subset_teacher(base: Path, tokens: int) -> Path:
-    """A teacher folder with the first train shards of BASE/teacher worth `tokens` (linked, with
-    a manifest listing only them): a smaller dataset for rows that take several epochs over it."""
-    folder = base / "subsets" / str(tokens) / "teacher"
+def subset_teacher(teacher: Path, tokens: int) -> Path:
+    """A teacher folder with the first train shards of `teacher` worth `tokens` (linked, with a
+    manifest listing only them, beside it): a smaller dataset for rows that take several epochs over it."""
+    folder = teacher.parent / "subsets" / str(tokens) / "teacher"
     if (folder / "manifest.json").exists():
         return folder
-    manifest = json.loads((base / "teacher" / "manifest.json").read_text())
+    manifest = json.loads((teacher / "manifest.json").read_text())
     shards, total = [], 0
     for record in manifest["splits"]["train"]["shards"]:
         if total < tokens:
@@ -117,7 +126,7 @@ def subset_teacher(base: Path, tokens: int) -> Path:
                                    "bytes": sum(r["bytes"] for r in shards)}
     folder.mkdir(parents=True)
     for name in [r["file"] for r in shards] + ["heldout"]:
-        (folder / name).symlink_to((base / "teacher" / name).resolve())
+        (folder / name).symlink_to((teacher / name).resolve())
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return folder
 
@@ -138,11 +147,10 @@ def other_teacher(base: Path, overrides: list[str]) -> Path:
 def run_row(name: str, row: dict, base: Path) -> dict:
     run_dir = base / "rows" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    teacher = base / "teacher"
+    teacher = other_teacher(base, row["teacher"]) if row["teacher"] else base / "teacher"
+    teacher_run = teacher.parent  # the run directory the teacher-logits stage made them in
     if row["data_tokens"]:
-        teacher = subset_teacher(base, row["data_tokens"])
-    elif row["teacher"]:
-        teacher = other_teacher(base, row["teacher"])
+        teacher = subset_teacher(teacher, row["data_tokens"])
     for stage_dir, source in (("tokens", base / "tokens"), ("teacher", teacher)):  # linked, never copied or written
         if not (run_dir / stage_dir).exists():
             (run_dir / stage_dir).symlink_to(source.resolve())
@@ -167,7 +175,7 @@ def run_row(name: str, row: dict, base: Path) -> dict:
     return {"name": name, "tokens": row["tokens"], "data_tokens": row["data_tokens"] or None, "nproc": row["nproc"],
             **json.loads(timing_file.read_text()),
             "commands": {**({"teacher": show(stage_command("teacher_logits.py", 1, [
-                             f"run.dir={teacher.parent}", *STUDY_DATA, *row["teacher"]]))} if row["teacher"] else {}),
+                             f"run.dir={teacher_run}", *STUDY_DATA, *row["teacher"]]))} if row["teacher"] else {}),
                          "train": ("OMP_NUM_THREADS=1 " if row["nproc"] > 1 else "") + show(train),
                          "evaluate": show(evaluate)},
             "heldout_tokens": metrics["heldout_tokens"], "rows": metrics["rows"]}

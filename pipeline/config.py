@@ -255,7 +255,10 @@ class TrainConfig:
     keep_checkpoints: int = _num(2, gt=0, execution=True)
     """Checkpoints kept."""
     max_steps: int = _num(0, ge=0)
-    """Optimizer steps; 0: one pass over the data."""
+    """Optimizer steps; 0: `epochs` passes over the data."""
+    epochs: int = _num(1, gt=0, added=True)
+    """Passes over the data when max_steps is 0. A second pass over cached targets costs no teacher time
+    and, at a demo's budget, gains nearly what as many fresh tokens do (results/exit-study)."""
     snapshots: list[int] = field(default_factory=list, metadata={"execution": True, "since_execution_hash": True})
     """Steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (a learning curve from one
     run, each point scored by the evaluate stage); may be added to a run under way."""

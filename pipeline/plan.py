@@ -327,7 +327,8 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
         plans.append(training(SEARCH_EXITS.name, [(candidates, cfg.exits.kind, cfg.search.loss_positions, kinds[0][2])],
                               cfg.search.tokens))
     if TRAIN_EXITS.name in stages:
-        plans.append(training(TRAIN_EXITS.name, [(depths, *k) for k in kinds], cfg.data.total_tokens))
+        trained = cfg.train.max_steps * cfg.train.tokens_per_step or cfg.train.epochs * cfg.data.total_tokens
+        plans.append(training(TRAIN_EXITS.name, [(depths, *k) for k in kinds], trained))
         checkpoint = trained_params(arch, cfg.exits.kind, len(depths)) * STATE_BYTES
         plans[-1].bytes_written = checkpoint * cfg.train.keep_checkpoints
     if EVALUATE.name in stages:

@@ -144,7 +144,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
                           "nothing to train on; lower it or add data")
     searching = stage is SEARCH_EXITS
     first_step = epoch_steps - search_steps if searching else 0  # where this run's data starts in the epoch
-    total_steps = search_steps if searching else cfg.train.max_steps or epoch_steps - search_steps
+    total_steps = search_steps if searching else cfg.train.max_steps or cfg.train.epochs * epoch_steps - search_steps
 
     late = [s for s in cfg.train.snapshots if s > total_steps]
     if late:

@@ -144,8 +144,9 @@ def test_shipped_site_configs_load_with_a_cpu_only_tokenize():
 def test_the_hash_earlier_versions_wrote_is_still_computed():
     """Run directories made before execution settings left the hash hold the old value; the stages
     accept it (`with_execution`), so it must never change: these are the demo's, as written then
-    (its target format and schedule changed since: set back here)."""
-    then = ["teacher.format=topk", "teacher.samples=24", "train.schedule=cosine"]
+    (its target format, schedule, epochs and loss positions changed since: set back here)."""
+    then = ["teacher.format=topk", "teacher.samples=24", "train.schedule=cosine", "train.epochs=1",
+            "train.loss_positions=1.0"]
     demo = load_config(ROOT / "configs" / "demo.yaml", then)
     assert demo.hash("teacher", with_execution=True) == "a02e4ed21082d2ec"
     assert demo.exit_runs()[0][1].hash("exits", "train", with_execution=True) == "47e5df500466b08b"

@@ -114,6 +114,16 @@ def test_single_process_online_teacher_with_a_snapshot(prepared, tmp_path, track
     assert (snapshot / "exits.safetensors").read_bytes() != (exits / "exits.safetensors").read_bytes()
 
 
+def test_two_epochs_over_the_cached_targets(prepared, tmp_path, tracking_uri):
+    """train.epochs with max_steps 0 (the demo's 2): the steps of two passes, with a quarter of the positions."""
+    folder, _ = prepared
+    config = _write(tmp_path, tracking_uri, "epochs", train={"epochs": 2, "loss_positions": 0.25})
+    _clone_inputs(folder / "run", tmp_path / "epochs")
+    proc = run_stage("train_exits.py", "--config", config)
+    assert "16 steps x 1024 tokens" in proc.stdout and sorted(losses_by_step(proc.stdout)) == list(range(1, 17))
+    assert json.loads((tmp_path / "epochs" / "exits" / "balcony_config.json").read_text())["steps"] == 16
+
+
 def test_refusals(prepared, zero2):
     folder, config = prepared
     proc = run_stage("train_exits.py", "--config", config, "model.num_layers=4", check=False)
