@@ -93,8 +93,7 @@ ROWS = {
     "2_epochs": recipe(4e-3, 1024, 2, init="next_layer", autocast=True, tokens=2 * DEMO_TOKENS, data_tokens=DEMO_TOKENS),
     # the demo's recipe with the cheaper step: twice the steps at the same cost, on fresh tokens or
     # as two epochs of the same (which costs no more teacher time)
-    "512_wsd_sampled_64_pos0.25_2x": recipe(4e-3, 512, 1, init="next_layer", autocast=True, schedule="wsd",
-                                            teacher=SAMPLED_64, positions=0.25, tokens=2 * DEMO_TOKENS),
+    "512_wsd_sampled_64_pos0.25_2x": recipe(**DEMO_RECIPE | {"data_tokens": 0}),
     "512_wsd_sampled_64_pos0.25_2_epochs": recipe(**DEMO_RECIPE),
     # the baselines, trained like the demo's exits
     "tuned_lens": recipe(**DEMO_RECIPE, kind="tuned_lens"),
