@@ -34,9 +34,7 @@ from torch import nn
 
 from pipeline.decoder import Decoder, assign_cache_slot
 from pipeline.errors import ConfigError, InputError
-from pipeline.shards import atomic_write
-
-FORMAT_VERSION = 1
+from pipeline.shards import FORMAT_VERSION, atomic_write, check_format_version
 WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
 
 
@@ -96,8 +94,7 @@ def read_exits_config(exits_dir: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path} not found: run the train-exits stage first")
     meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    check_format_version(path, meta)
     return meta
 
 

@@ -26,13 +26,10 @@ from pipeline.errors import ConfigError
 from pipeline.registry import TRAIN_EXITS
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None, execution=False, added=False):
+def _num(default, *, ge=None, gt=None, le=None, lt=None, execution=False):
     """A numeric field with its range. `execution=True`: how a run executes, not what it computes (batch
-    and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume.
-    `added=True`: a field newer than run directories in use: left out of the hash at its default, so
-    those directories keep the hash they were written with."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "execution": execution,
-                                            "added": added})
+    and chunk sizes, checkpoint cadence): left out of the config hash, so it may change on resume."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "execution": execution})
 
 
 @dataclass
@@ -103,14 +100,13 @@ class DataConfig:
     """Document order and held-out choice."""
     shuffle_buffer: int = _num(10000, ge=0)
     """Streaming shuffle buffer in documents; 0 keeps the source's order."""
-    read_groups: int = _num(1, ge=1, added=True)
+    read_groups: int = _num(1, ge=1)
     """The source's files (local files, or a hub dataset's data files) cut into this many groups, in
     order; each group fills its own shards, in proportion to its size, from its own documents, so a
     tokenize task reads only the groups its shards come from and a group's shards commit when it is
     packed. 1: any document may land in any shard (the best mix, for files of different styles)."""
     # Execution: with the same files, a run that succeeds makes the same shards either way.
-    on_bad_record: Literal["error", "skip"] = field(
-        default="error", metadata={"execution": True, "since_execution_hash": True})
+    on_bad_record: Literal["error", "skip"] = field(default="error", metadata={"execution": True})
     """A record that cannot be a document (bad JSON, a binary or empty file, no text or not a string):
     error refuses the first (FILE:LINE) before anything is written; skip leaves such records out and
     counts them in the manifest (skipped_records)."""
@@ -149,10 +145,10 @@ class ExitsConfig:
     """last_layer (the paper's): a copy of the last layer + layers[k].input_layernorm; next_layer: a copy of
     layers[k] + the final norm (an untrained exit k is the logit lens at depth k+1)."""
 
-    count: int = _num(0, ge=0, added=True)
+    count: int = _num(0, ge=0)
     """depths auto: keep this many exits, those that minimise the mean KL to the full model over compute budgets
     spread evenly from the cheapest candidate to the full model."""
-    budgets: list[float] = field(default_factory=list, metadata={"added": True})
+    budgets: list[float] = field(default_factory=list)
     """depths auto: relative costs in (0, 1); for each, keep the best candidate that costs no more."""
 
     def validate(self, path: str) -> None:
@@ -256,15 +252,15 @@ class TrainConfig:
     """Checkpoints kept."""
     max_steps: int = _num(0, ge=0)
     """Optimizer steps; 0: `epochs` passes over the data."""
-    epochs: int = _num(1, gt=0, added=True)
+    epochs: int = _num(1, gt=0)
     """Passes over the data when max_steps is 0. A second pass over cached targets costs no teacher time
     and, at a demo's budget, gains nearly what as many fresh tokens do (results/exit-study)."""
-    snapshots: list[int] = field(default_factory=list, metadata={"execution": True, "since_execution_hash": True})
+    snapshots: list[int] = field(default_factory=list, metadata={"execution": True})
     """Steps at which the exits are also exported to OUT/snapshots/stepNNNNNNNN (a learning curve from one
     run, each point scored by the evaluate stage); may be added to a run under way."""
     chunk_size: int = _num(1024, gt=0, execution=True)
     """Positions per head + loss chunk (bounds the [positions, vocab] logits)."""
-    loss_positions: float = _num(1.0, gt=0.0, le=1.0, added=True)
+    loss_positions: float = _num(1.0, gt=0.0, le=1.0)
     """Share of each micro-batch's positions the loss reads (a seeded random subset, the same for every exit):
     the exit layers still see every position; the head and loss cost this share."""
     num_workers: int = _num(0, ge=0, le=1)
@@ -362,17 +358,13 @@ class Config:
             runs.append((name, variant, self.run_dir / "baselines" / name))
         return runs
 
-    def hash(self, *sections: str, with_execution: bool = False) -> str:
+    def hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): what a stage's output depends on, not
-        how it runs (execution fields). `with_execution`: the hash as it was before execution fields
-        left it, which run directories made by earlier versions hold (stages accept it as the same)."""
+        how it runs (execution fields)."""
         data = self.to_dict()
         for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
-                keep = with_execution and not f.metadata.get("since_execution_hash", False)
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                if (f.metadata.get("execution", False) and not keep) or (
-                        f.metadata.get("added", False) and getattr(getattr(self, section.name), f.name) == default):
+                if f.metadata.get("execution", False):
                     del data[section.name][f.name]
         chosen = {name: data[name] for name in (sections or data)}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]

@@ -26,7 +26,9 @@ import webdataset as wds
 
 from pipeline.errors import ShardError
 
-FORMAT_VERSION = 1
+# The format of everything a run directory holds (headers, manifests, shards, exits, metrics). Any
+# change bumps it; a directory of another version is refused, never converted.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARTS = ".parts"
 TOKENS_KEY = "input_ids.npy"  # every shard format carries the token ids of its samples
@@ -120,26 +122,30 @@ def completed_record(stage_dir: Path, split: str, index: int) -> ShardRecord | N
 # ---------------------------------------------------------------- header and manifest
 
 
-def _differ(written: dict, wanted: dict, also: dict | None) -> list[str]:
-    """Fields of `wanted` that `written` does not hold; `also` maps a field to another value that
-    counts as the same (the config hash an earlier version computed for the same settings)."""
-    also = also or {}
-    # the specific fields first: "depths" says more than the config hash that covers it
-    keys = sorted(set(written) | set(wanted), key=lambda k: (k == "config_hash", k))
-    return [k for k in keys if written.get(k) != wanted.get(k) and (k not in also or written.get(k) != also[k])]
+def _differ(written: dict, wanted: dict) -> list[str]:
+    """Fields of `wanted` that `written` does not hold, the specific ones first ("depths" says more
+    than the config hash that covers it)."""
+    return [k for k in sorted(wanted, key=lambda k: (k == "config_hash", k)) if written.get(k) != wanted[k]]
 
 
-def claim_directory(stage_dir: Path, header: dict, write: bool = True, ignore: tuple[str, ...] = (),
-                    also: dict | None = None) -> None:
-    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else
-    (fields in `ignore` may differ; `also`: values that count as the same, see `_differ`).
+def check_format_version(path: Path, written: dict) -> None:
+    """Refuse what another version of the pipeline wrote: formats change freely between versions."""
+    if written.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: run-directory format {written.get('format_version')!r}, this pipeline writes "
+                         f"format {FORMAT_VERSION}: start a new run.dir")
+
+
+def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
+    """Pin `stage_dir` to `header`, or refuse if earlier output was written for something else.
 
     In a multi-process job every rank checks (so all refuse alike) and one writes (`write`).
     """
+    header = {**header, "format_version": FORMAT_VERSION}
     path = Path(stage_dir) / PARTS / "header.json"
     if path.exists():
         earlier = json.loads(path.read_text())
-        differ = [k for k in _differ(earlier, header, also) if k not in ignore]
+        check_format_version(path, earlier)
+        differ = _differ(earlier, header)
         if differ:
             was = ", ".join(f"{k}={earlier.get(k)!r}" for k in differ)
             now = ", ".join(f"{k}={header.get(k)!r}" for k in differ)
@@ -174,9 +180,8 @@ def manifest_hash(stage_dir: Path) -> str:
     return file_sha256(Path(stage_dir) / MANIFEST)
 
 
-def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None, also: dict | None = None) -> dict:
-    """Load and check a finished stage's manifest; `expect` maps fields to required values (`also`:
-    values that count as the same, see `_differ`)."""
+def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None) -> dict:
+    """Load and check a finished stage's manifest; `expect` maps fields to required values."""
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         raise ShardError(f"{path} not found: run the {stage} stage first (or let it finish)")
@@ -184,8 +189,9 @@ def read_manifest(stage_dir: Path, stage: str, expect: dict | None = None, also:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
-    checks = {"stage": stage, "format_version": FORMAT_VERSION, **(expect or {})}
-    for key in _differ({k: manifest.get(k) for k in checks}, checks, also):
+    check_format_version(path, manifest)
+    checks = {"stage": stage, **(expect or {})}
+    for key in _differ(manifest, checks):
         raise ShardError(f"{path}: {key} is {manifest.get(key)!r}, expected {checks[key]!r}")
     return manifest
 

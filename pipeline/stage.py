@@ -84,20 +84,16 @@ def run_sharded(
     counts: dict[str, int],
     task: tuple[int, int],
     write: Callable[[list[Shard], Tracker], int],
-    also: dict | None = None,
-    ignore: tuple[str, ...] = (),
     summary: Callable[[], dict] | None = None,
 ) -> dict | None:
     """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
-    `also`: header values that count as the same (the config hash of an earlier version); `ignore`:
-    header fields of earlier versions that no longer pin the directory; `summary()`: fields the
-    manifest adds when the set is complete.
+    `summary()`: fields the manifest adds when the set is complete.
 
     Returns the manifest once the set is complete (now or earlier), else None.
     """
-    claim_directory(out, header, also=also, ignore=ignore)  # refuses a directory written from other inputs
+    claim_directory(out, header)  # refuses a directory written from other inputs
     if (out / MANIFEST).exists():
-        manifest = read_manifest(out, stage, expect=header, also=also)
+        manifest = read_manifest(out, stage, expect=header)
         print(f"{stage}: {out} is complete ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
         return manifest
     shards = [(split, index) for split, count in counts.items() for index in range(count)]

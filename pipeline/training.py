@@ -116,16 +116,16 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     header = {"stage": stage.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32"}
-    if search_steps:  # only then: the headers of earlier run directories stay as they were
-        header["search_steps"] = search_steps
+    header["search_steps"] = search_steps
     if initial is not None:
         model.load_exits(initial, subset=True)
         header["initial_exits_sha256"] = file_sha256(initial / WEIGHTS)
     # refuses checkpoints of another exit configuration or input; every rank checks, rank 0 writes.
     # Finished exits are the same whatever the world size that made them; a resume needs the same.
     finished = (out / EXITS_CONFIG).exists()
-    claim_directory(out, header, write=rank == 0, ignore=("world_size",) if finished else (),
-                    also={"config_hash": cfg.hash("exits", "train", with_execution=True)})  # earlier versions' hash
+    if finished:
+        del header["world_size"]
+    claim_directory(out, header, write=rank == 0)
     dist.barrier()
     if finished:
         if rank == 0:

@@ -25,12 +25,11 @@ from pipeline.report import markdown_table, plot
 from pipeline.timing import assisted_speedup, decode_latency, greedy_seconds, speculative_speedup
 from pipeline.registry import EVALUATE, TOKENIZE, TRAIN_EXITS
 from pipeline.search import resolve_depths
-from pipeline.shards import MANIFEST, PARTS, atomic_write, claim_directory, file_sha256, manifest_hash
+from pipeline.shards import FORMAT_VERSION, MANIFEST, PARTS, atomic_write, claim_directory, file_sha256, manifest_hash
 from pipeline.stage import run_stage
 from pipeline.tracking import close_pipeline, stage_run
 
 STAGE = EVALUATE
-FORMAT_VERSION = 1
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -29,14 +29,13 @@ from pipeline.registry import SEARCH_EXITS, TOKENIZE
 from pipeline.report import search_plot, search_table
 from pipeline.search import (CANDIDATES, RESULT, SCORES, candidate_depths, candidates_config, candidates_hash,
                              choice_settings, choose, latency_line, pareto_front, search_steps, served_kl)
-from pipeline.shards import atomic_write, claim_directory
+from pipeline.shards import FORMAT_VERSION, atomic_write, claim_directory
 from pipeline.stage import run_stage
 from pipeline.timing import decode_latency
 from pipeline.tracking import stage_run
 from pipeline.training import train_one
 
 STAGE = SEARCH_EXITS
-FORMAT_VERSION = 1
 
 
 def run(cfg: Config, task: tuple[int, int]) -> None:

@@ -62,9 +62,7 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
         return total
 
     counts = {split: len(shards) for split, shards in records.items()}
-    # directories made before execution settings left the hash hold the hash with them
-    run_sharded(cfg, STAGE.tag, out, header, counts, task, write,
-                also={"config_hash": cfg.hash("teacher", with_execution=True)})
+    run_sharded(cfg, STAGE.tag, out, header, counts, task, write)
 
 
 if __name__ == "__main__":

@@ -86,19 +86,12 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
         return total
 
     def summary() -> dict:
-        """The bad records left out, over the groups that fill shards (a directory of an earlier
-        version, finished before groups were recorded, is scanned now)."""
-        def skipped(g: int) -> int:
-            record = scan_record(out, g)
-            if record.exists():
-                return json.loads(record.read_text())["skipped_records"]
-            return scan_sources(cfg.data, group=groups[g]).skipped
+        """The bad records left out, over the groups that fill shards (each group's scan is recorded
+        before its first shard)."""
+        return {"skipped_records": sum(json.loads(scan_record(out, g).read_text())["skipped_records"]
+                                       for g in {s.group for s in specs})}
 
-        return {"skipped_records": sum(skipped(g) for g in {s.group for s in specs})}
-
-    # earlier versions pinned skipped_records in the header; it is the manifest's summary now
-    run_sharded(cfg, STAGE.tag, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write,
-                ignore=("skipped_records",), summary=summary)
+    run_sharded(cfg, STAGE.tag, out, tokens_header(cfg, tokenizer), shard_counts(specs), task, write, summary=summary)
 
 
 if __name__ == "__main__":

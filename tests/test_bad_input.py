@@ -50,7 +50,7 @@ CORRUPTIONS = {
         lambda d, s, i, f, o: _edit_manifest(d, lambda m: m["splits"][s]["shards"][i].update(sha256="0" * 64)),
         r"{file}: sha256 is \w+, the manifest says 0{{64}}"),
     "manifest: edited format version": (lambda d, s, i, f, o: _edit_manifest(d, lambda m: m.update(format_version=99)),
-                                        r"manifest.json: format_version is 99, expected 1"),
+                                        r"manifest.json: run-directory format 99, this pipeline writes format \d+: start a new run.dir"),
     "manifest: not JSON": (lambda d, s, i, f, o: (d / "manifest.json").write_text('{"stage": '),
                            r"manifest.json: not valid JSON"),
 }

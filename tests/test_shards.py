@@ -126,10 +126,14 @@ def test_atomic_write_never_exposes_partial_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
-def test_an_equivalent_config_hash_is_accepted(tmp_path):
+def test_a_directory_is_pinned_to_its_header_and_format_version(tmp_path):
     shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "old"})
+    shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "old"})  # the same inputs resume
     with pytest.raises(ShardError, match="config_hash='old'; this run has config_hash='new'"):
         shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "new"})
-    shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "new"}, also={"config_hash": "old"})
-    with pytest.raises(ShardError, match="stage="):  # only the named field has an equivalent
-        shards.claim_directory(tmp_path, {"stage": "tokenize", "config_hash": "new"}, also={"config_hash": "old"})
+    header = tmp_path / shards.PARTS / "header.json"  # as an earlier version of the pipeline wrote it
+    header.write_text(json.dumps({"stage": "teacher", "config_hash": "old", "format_version": 1}))
+    with pytest.raises(ShardError) as err:
+        shards.claim_directory(tmp_path, {"stage": "teacher", "config_hash": "old"})
+    assert str(err.value) == (f"{header}: run-directory format 1, this pipeline writes format "
+                              f"{shards.FORMAT_VERSION}: start a new run.dir")
