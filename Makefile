@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve pipeline plan calibrate gpu-check status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve search-compare tail-kl pipeline plan calibrate gpu-check status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -60,6 +60,8 @@ help:
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
 	@echo "make study   - the exit-recipe study behind the demo's defaults (hours; resumable) -> results/exit-study/"
 	@echo "make curve   - the reference learning curve: the demo recipe on 10x its tokens (hours; resumable) -> results/learning-curve/"
+	@echo "make search-compare - after make demo: searched exits against the demo's fixed depths -> results/exit-search/"
+	@echo "make tail-kl - after make study: the KL inside the top-k targets' rest bucket -> results/exit-study/tail_kl.txt"
 
 setup: $(STAMP)
 
@@ -119,17 +121,23 @@ demo: assets
 compare: assets
 	$(MAKE) --no-print-directory pipeline CONFIG=configs/demo.yaml CLUSTER= NPROC=1 ARGS="train.baselines=[tuned_lens,ce] $(ARGS)"
 
-# The reference learning curve (bench/learning_curve.py): the demo's recipe on 10x its tokens, its
-# snapshots scored by the evaluate stage; hours on 2 cores, resumable.
+# Experiments behind the findings in results/ (experiments/; hours on 2 cores, resumable).
+# The reference learning curve: the demo's recipe on 10x its tokens, its snapshots scored by evaluate.
 curve: assets
-	$(PY) bench/learning_curve.py
+	$(PY) experiments/learning_curve.py
 
-# The recipe study (bench/exit_study.py): its data once, then each recipe row (skipped when done).
+# The recipe study: its data once (tokenize + teacher-logits), then each recipe row (skipped when done).
 STUDY_DIR ?= runs/study
 study: assets
-	$(PY) stages/run_pipeline.py --config bench/study.yaml --stages tokenize,teacher-logits run.dir=$(STUDY_DIR) \
-	  $$($(PY) -c 'import sys; sys.path.insert(0, "bench"); import exit_study; print(" ".join(exit_study.STUDY_DATA))')
-	$(PY) bench/exit_study.py --base $(STUDY_DIR) $(if $(ROWS),--rows $(ROWS))
+	$(PY) experiments/exit_study.py --base $(STUDY_DIR) $(if $(ROWS),--rows $(ROWS))
+
+# Where the exits go: the exit search on the demo's data against the demo's fixed depths (after make demo).
+search-compare: assets
+	$(PY) experiments/exit_search.py
+
+# How much of a trained exit's KL lies in the top-k targets' rest bucket (after make study).
+tail-kl: assets
+	$(PY) experiments/tail_kl.py --run $(STUDY_DIR)/rows/lr4e-3 | tee results/exit-study/tail_kl.txt
 
 # The real MLflow server and UI over the run root's store, on 127.0.0.1 unless MLFLOW_HOST says otherwise.
 MLFLOW_SERVE = $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from pipeline.calibrate import exits_step, random_ids, teacher_of, timed  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.plan import architecture, memory_per_device, size, teacher_memory  # noqa: E402
+from pipeline.calibrate import exits_step, random_ids, teacher_of, timed
+from pipeline.config import load_config
+from pipeline.plan import architecture, memory_per_device, size, teacher_memory
 
 
 def shown(peak_bytes: float) -> str:

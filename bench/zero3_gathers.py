@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from pipeline.calibrate import random_ids, teacher_of  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.calibrate import random_ids, teacher_of
+from pipeline.config import load_config
 
 VARIANTS = {
     "shipped": {},

@@ -238,7 +238,7 @@ def _calls(folder: Path):
 
 def test_no_pickle_loads_and_no_remote_code_by_default(ledger):
     """Static: every torch.load passes weights_only=True; trust_remote_code is never a literal True."""
-    for folder in ("pipeline", "stages", "bench"):
+    for folder in ("pipeline", "stages", "bench", "experiments"):
         for path, call in _calls(ROOT / folder):
             name = ast.unparse(call.func)
             keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}

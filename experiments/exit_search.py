@@ -2,7 +2,7 @@
 trained on the same total tokens (the search's included), scored by the real evaluate stage on the
 same held-out tokens.
 
-    python bench/exit_search.py        # after `make demo`; runs what is missing, then writes results/exit-search/
+    python experiments/exit_search.py        # after `make demo`; runs what is missing, then writes results/exit-search/
 
 1. fixed: runs/demo, as `make demo` left it (131,072 tokens: 256 steps of 512).
 2. searched: runs/demo-search, linking runs/demo's tokens and teacher targets, then the real chain
@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from pipeline.report import search_plot, search_table  # noqa: E402
-from pipeline.search import served_kl  # noqa: E402
+from pipeline.report import search_plot, search_table
+from pipeline.search import served_kl
 
 FIXED, SEARCHED, OUT = ROOT / "runs" / "demo", ROOT / "runs" / "demo-search", ROOT / "results" / "exit-search"
 OVERRIDES = [f"run.dir={SEARCHED.relative_to(ROOT)}", "exits.depths=auto", "exits.count=3", "train.baselines=[]",
@@ -110,7 +109,7 @@ def main() -> None:
         entry["kl_at_budget"] = {f"{b:.2f}": served_at(entry["exits"], b) for b in BUDGETS}
     sets["searched"]["search_tokens"] = scores["train_tokens"]
     sets["searched"]["search_seconds"] = scores["seconds"]
-    summary = {"command": " ".join(["python", "bench/exit_search.py"]), "searched_chain": " ".join(COMMAND[1:]),
+    summary = {"command": " ".join(["python", "experiments/exit_search.py"]), "searched_chain": " ".join(COMMAND[1:]),
                "searched_chain_seconds": seconds, "latency_line_s": [intercept, slope], "floor": result["floor"],
                "budget_range": [start, 1.0], "common_budget_range": [common, 1.0], "sets": sets}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -135,7 +134,7 @@ def main() -> None:
     for name, entry in sets.items():
         lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in entry["kl_at_budget"].values())
                      + " |")
-    (OUT / "compare.md").write_text("\n".join(lines) + "\n\nCommand: `python bench/exit_search.py`\n")
+    (OUT / "compare.md").write_text("\n".join(lines) + "\n\nCommand: `python experiments/exit_search.py`\n")
     plot_comparison(scores, sets, OUT / "compare.png")
     (OUT / "search_table.md").write_text(search_table(scores, result))
     search_plot(scores, result, OUT / "search_plot.png")

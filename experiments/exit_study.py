@@ -3,12 +3,11 @@
 Every row trains exits with the real train-exits stage and scores them with the real evaluate
 stage, on one shared set of tokens and cached teacher targets, so rows differ only in the recipe:
 
-    make study                                   # = python bench/exit_study.py --base runs/study
-    python bench/exit_study.py --rows paper,lr2e-3_1k --base runs/study
+    make study                                   # = python experiments/exit_study.py --base runs/study
+    python experiments/exit_study.py --rows paper,lr2e-3_1k --base runs/study
 
-The base run directory holds the study data (made once, ~13 min on 2 cores, by `make study`):
-    python stages/run_pipeline.py --config bench/study.yaml --stages tokenize,teacher-logits \\
-        run.dir=runs/study STUDY_DATA (below)
+The base run directory holds the study data (STUDY_DATA below: tokens and teacher targets), made
+by the first call (~13 min on 2 cores) with the real tokenize and teacher-logits stages.
 Each row gets its own run directory under BASE/rows/ (tokens and targets linked, not copied);
 a row whose evaluation exists is not run again, so the study resumes after an interruption.
 Results: results/exit-study/rows.json (every figure, with the exact commands) and table.md.
@@ -27,7 +26,7 @@ from pathlib import Path
 from pipeline.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_CONFIG = ROOT / "bench" / "study.yaml"  # the demo recipe before the study, frozen
+BASE_CONFIG = ROOT / "experiments" / "study.yaml"  # the demo recipe before the study, frozen
 DEMO_TOKENS = 163_840  # the demo's budget before this study: rows compare at it unless they say otherwise
 # The data every row shares (the four classic collections of the corpus, Austen, the Bible, Milton and
 # Shakespeare: the study predates the modern-English collections), and what every row's evaluation
@@ -229,6 +228,13 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def make_study_data(base: Path) -> None:
+    """The study's tokens and teacher targets in `base` (the stages skip what is complete)."""
+    command = [sys.executable, str(ROOT / "stages" / "run_pipeline.py"), "--config", str(BASE_CONFIG),
+               "--stages", "tokenize,teacher-logits", f"run.dir={base}", *STUDY_DATA]
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "study", help="run dir with tokens + teacher targets")
@@ -241,11 +247,7 @@ def main() -> int:
     if unknown:
         print(f"error: --rows: unknown row {unknown[0]!r} (rows: {', '.join(ROWS)})", file=sys.stderr)
         return 2
-    for stage_dir in ("tokens", "teacher"):
-        if not (args.base / stage_dir / "manifest.json").exists():
-            print(f"error: --base: {args.base / stage_dir} has no manifest; make the study data first "
-                  "(see this script's docstring)", file=sys.stderr)
-            return 2
+    make_study_data(args.base)
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "rows.json"
     results = {r["name"]: r for r in json.loads(results_file.read_text())} if results_file.exists() else {}

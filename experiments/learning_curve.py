@@ -8,8 +8,8 @@ recipe, its own snapshots); at SPEED_STEPS also self-speculative decoding and HF
 (acceptance, speedup). Resumable at every level (the stages resume; a scored point is not
 scored again), so it can span sessions:
 
-    make curve                          # = python bench/learning_curve.py
-    python bench/learning_curve.py --stage exits      # data + exits + their points, no tuned lens yet
+    make curve                          # = python experiments/learning_curve.py
+    python experiments/learning_curve.py --stage exits      # data + exits + their points, no tuned lens yet
 
 The snapshots are points along ONE cosine schedule over the 10x run, not separately tuned runs: an
 early point has seen its tokens at a high learning rate, so it lies above what a run that ends (and
@@ -226,7 +226,7 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         shown = " ".join(command).replace(f"{ROOT}/", "")
         (args.out / "points.json").write_text(json.dumps({"train_command": shown, "fits": fits, "points": points}, indent=1))
-        (args.out / "table.md").write_text(f"Made by `make curve` (`python bench/learning_curve.py`): `{shown}`, then "
+        (args.out / "table.md").write_text(f"Made by `make curve` (`python experiments/learning_curve.py`): `{shown}`, then "
                                            "the evaluate command of each point (points.json).\n\n" + table(points, fits))
         demo = json.loads(args.demo.read_text()) if args.demo.exists() else None
         plot(points, fits, demo, args.out / "plot.png")

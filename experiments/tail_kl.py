@@ -1,6 +1,6 @@
 """How much of trained exits' KL lies where cached top-k targets cannot see: inside the tail.
 
-    python bench/tail_kl.py --run runs/study/rows/lr4e-3 [--sequences 8]
+    python experiments/tail_kl.py --run runs/study/rows/lr4e-3 [--sequences 8]
 
 On held-out sequences of RUN's teacher shards, per exit: the exact full-vocabulary KL(full || exit),
 and the KL between the top-k + rest coarse-grainings (what a top-k target trains). Their
