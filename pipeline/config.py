@@ -651,5 +651,15 @@ def reference_text(cls=Config) -> str:
     return "\n".join(f"  {key} ({kind}, default {default})\n      {doc}" for key, kind, default, doc in reference(cls))
 
 
-if __name__ == "__main__":  # python -m pipeline.config: the README's configuration reference
-    print(reference_markdown(), end="")
+REFERENCE_DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+REFERENCE_START, REFERENCE_END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def reference_in_docs() -> str:
+    """The reference block as docs/config.md holds it."""
+    return REFERENCE_DOC.read_text().split(REFERENCE_START)[1].split(REFERENCE_END)[0]
+
+
+if __name__ == "__main__":  # python -m pipeline.config: rewrite docs/config.md's reference from the dataclasses
+    text = REFERENCE_DOC.read_text()
+    REFERENCE_DOC.write_text(text.replace(REFERENCE_START + reference_in_docs(), REFERENCE_START + reference_markdown()))

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_cluster_config, load_config, reference, reference_markdown
+from pipeline.config import (ConfigError, load_cluster_config, load_config, reference, reference_in_docs,
+                             reference_markdown)
 from pipeline.registry import STAGES
 
 from conftest import ROOT, small_config
@@ -128,11 +131,18 @@ def test_make_targets_and_scripts_follow_the_stage_registry():
         assert f"stage-{stage.name}" in makefile and (ROOT / "stages" / stage.script).exists(), stage
 
 
-def test_every_key_is_documented_and_the_readme_reference_is_current():
+def test_every_key_is_documented_and_the_docs_reference_is_current():
     assert all(doc for _, _, _, doc in reference()), [key for key, _, _, doc in reference() if not doc]
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert block == reference_markdown(), "README's configuration reference is stale: paste `python -m pipeline.config`"
+    assert reference_in_docs() == reference_markdown(), "docs/config.md is stale: run `python -m pipeline.config`"
+
+
+def test_the_code_map_names_every_module():
+    """docs/DESIGN.md's code map is the only one: it names every module of pipeline/ and nothing gone."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    code_map = design.split("## Code layout")[1].split("\n## ")[0]
+    named = set(re.findall(r"^      (\w+\.py) ", code_map, re.M))
+    modules = {p.name for p in (ROOT / "pipeline").glob("*.py") if p.name != "__init__.py"}
+    assert named == modules, f"missing: {sorted(modules - named)}, gone: {sorted(named - modules)}"
 
 
 def test_shipped_site_configs_load_with_a_cpu_only_tokenize():
