@@ -104,7 +104,7 @@ def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]
     depths = planned_depths(cfg, arch)
     model = BalconyModel(lm, depths, cfg.exits.kind, cfg.exits.init).to(device)
     seconds = timed(exits_step(model, teacher, cfg, online=False), min_seconds)
-    per_token = train_flops_per_token(arch, depths, cfg.exits.kind, seq, cfg.train.loss_positions, False)
+    per_token = train_flops_per_token(arch, depths, cfg.exits.kind, cfg.train.loss_positions, False, seq)
     rates["train_flops"] = cfg.train.micro_batch_size * seq * per_token / seconds
     return rates
 

@@ -178,11 +178,11 @@ def exit_flops(arch: Architecture, kind: str, seq_len: int) -> float:
     return 2 * arch.hidden * (arch.hidden + 1) if kind == "tuned_lens" else arch.layer_flops(arch.layers - 1, seq_len)
 
 
-def train_flops_per_token(arch: Architecture, depths: list[int], kind: str, seq_len: int, loss_share: float,
-                          online: bool) -> float:
+def train_flops_per_token(arch: Architecture, depths: list[int], kind: str, loss_positions: float, online: bool,
+                          seq_len: int) -> float:
     deepest = max(depths)
     flops = arch.prefix_flops(deepest, seq_len) + len(depths) * (
-        3 * exit_flops(arch, kind, seq_len) + 2 * arch.head_flops * loss_share)
+        3 * exit_flops(arch, kind, seq_len) + 2 * arch.head_flops * loss_positions)
     if online:  # the rest of the full forward and its head, every step
         flops += arch.prefix_flops(arch.layers, seq_len) - arch.prefix_flops(deepest, seq_len) + arch.head_flops
     return flops
@@ -250,102 +250,170 @@ def teacher_memory(arch: Architecture, cfg: Config, gpu: bool) -> dict[str, floa
             **({"runtime": GPU_RUNTIME} if gpu else {})}
 
 
+@dataclass
+class PlanContext:
+    """What every stage's plan reads: the recipe, the site and the backbone; refusals collect in `problems`."""
+
+    cfg: Config
+    cluster: ClusterConfig
+    arch: Architecture
+    site: str  # how refusals name the site config
+    gpu: bool
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def world(self) -> int:
+        return self.cluster.train.nodes * self.cluster.train.tasks_per_node
+
+    @property
+    def tokens(self) -> int:
+        return self.cfg.data.total_tokens + self.cfg.data.heldout_tokens
+
+
 def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str = "the site config") -> Plan:
     """The plan of `stages` (names, in chain order) on `cluster`; problems are collected, not raised."""
     gpu = cluster.teacher.gpus_per_node > 0 or cluster.train.gpus_per_node > 0
-    arch = architecture(cfg, gpu)
-    rate, seq = cluster.throughput, cfg.data.seq_len
-    specs = planned_shards(cfg)
-    tokens = cfg.data.total_tokens + cfg.data.heldout_tokens
-    depths = planned_depths(cfg, arch)
-    world = cluster.train.nodes * cluster.train.tasks_per_node
-    problems: list[str] = []
-    plans: list[StagePlan] = []
-
-    def array(stage: str, job: JobConfig, key: str, seconds_per_token: float, flops: float, written: int) -> StagePlan:
-        """An array stage: tasks sized to fit the time limit (array_tasks 0) or checked against it. A task
-        writes whole shards (a block of them), so its time is that of its share of shards."""
-        limit = parse_time(job.time, f"{key}.time")
-        shard_s = cfg.data.sequences_per_shard * seq * seconds_per_token
-        per_task = max(1, int(limit * FIT // shard_s))  # shards one task can write in time
-        tasks = cluster.array_tasks or min(len(specs), math.ceil(len(specs) / per_task))
-        wall = math.ceil(len(specs) / tasks) * shard_s
-        if wall > limit * FIT:
-            need = math.ceil(len(specs) / per_task)
-            problems.append(
-                f"{site}: {key}.time: each of {tasks} {stage} tasks needs ~{hours(wall)}, over {FIT:.0%} of its "
-                f"{job.time} limit; " + (f"set array_tasks to {need} or more (0: sized by the plan) or raise {key}.time"
-                                         if shard_s <= limit * FIT else
-                                         f"one shard takes ~{hours(shard_s)}: lower data.sequences_per_shard "
-                                         f"or raise {key}.time"))
-        return StagePlan(stage, job, tokens, flops, tasks, max(1, job.gpus_per_node), wall, written)
-
+    ctx = PlanContext(cfg, cluster, architecture(cfg, gpu), site, gpu)
+    plans = []
     if TOKENIZE.name in stages:
-        plans.append(array(TOKENIZE.name, cluster.tokenize, "tokenize",
-                           1 / (rate.tokenize_tokens_per_s * cluster.tokenize.cpus_per_task), 0.0, tokens * TOKEN_BYTES))
-        plans[-1].note = ("the time is tokenizing; " + ("every task reads the whole source (data.read_groups 1)"
-                          if cfg.data.read_groups == 1 else
-                          f"each task reads the read groups its shards come from (of {cfg.data.read_groups})"))
+        plans.append(tokenize_plan(ctx))
     if TEACHER_LOGITS.name in stages and cfg.reads_cached_targets():
-        fmt = TargetFormat(cfg.teacher, arch.vocab)
-        flops = arch.forward_flops(seq)
-        teacher = array(TEACHER_LOGITS.name, cluster.teacher, "teacher", flops / rate.teacher_flops, flops,
-                        tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
-        teacher.memory = teacher_memory(arch, cfg, gpu)
-        plans.append(teacher)
-
-    def training(stage: str, runs: list[tuple[list[int], str, float, bool]], train_tokens: int) -> StagePlan:
-        job = cluster.train
-        flops = sum(train_flops_per_token(arch, d, kind, seq, share, online) for d, kind, share, online in runs)
-        compute = train_tokens * flops / (world * rate.train_flops)
-        gathered = zero3_gathered_bytes(arch, cfg, depths) * len(runs)
-        comm = (train_tokens / world / (cfg.train.micro_batch_size * seq) * gathered / rate.network_bytes_per_s
-                if cfg.train.zero_stage == 3 and world > 1 else 0.0)
-        plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
-                         memory=memory_per_device(arch, cfg, depths, world, gpu))
-        limit = parse_time(job.time, "train.time")
-        if plan.wall_s > limit * FIT:
-            if not cluster.requeue_grace_s:
-                problems.append(f"{site}: train.time: {stage} needs ~{hours(plan.wall_s)} on {world} devices, over "
-                                f"{FIT:.0%} of its {job.time} limit, and requeue_grace_s is 0; raise train.time or "
-                                "train.nodes, or let it requeue (requeue_grace_s > 0)")
-            else:
-                plan.note = f"~{math.ceil(plan.wall_s / (limit * FIT)) - 1} requeues at the time limit, each resuming its checkpoint"
-            step_s = plan.wall_s / max(1, train_tokens // cfg.train.tokens_per_step)
-            if step_s * cfg.train.checkpoint_every > limit * FIT:
-                problems.append(f"{site}: train.checkpoint_every: {cfg.train.checkpoint_every} steps take "
-                                f"~{hours(step_s * cfg.train.checkpoint_every)}, past {FIT:.0%} of the {job.time} limit: "
-                                "a requeued job would never reach a checkpoint; lower it")
-        return plan
-
-    kinds = [(c.exits.kind, c.train.loss_positions, c.train.online_teacher or c.train.objective == "ce")
-             for _, c, _ in cfg.exit_runs()]
+        plans.append(teacher_plan(ctx))
     if SEARCH_EXITS.name in stages:
-        from pipeline.search import candidate_depths
-
-        candidates = candidate_depths(cfg, arch.layers)
-        plans.append(training(SEARCH_EXITS.name, [(candidates, cfg.exits.kind, cfg.search.loss_positions, kinds[0][2])],
-                              cfg.search.tokens))
+        plans.append(search_plan(ctx))
     if TRAIN_EXITS.name in stages:
-        trained = cfg.train.max_steps * cfg.train.tokens_per_step or cfg.train.epochs * cfg.data.total_tokens
-        plans.append(training(TRAIN_EXITS.name, [(depths, *k) for k in kinds], trained))
-        checkpoint = trained_params(arch, cfg.exits.kind, len(depths)) * STATE_BYTES
-        plans[-1].bytes_written = checkpoint * cfg.train.keep_checkpoints
+        plans.append(train_plan(ctx))
     if EVALUATE.name in stages:
-        scored = cfg.data.heldout_tokens + len(cfg.eval.data) * cfg.eval.data_tokens
-        per_token = (arch.forward_flops(seq)
-                     + len(depths) * (len(kinds) * (exit_flops(arch, "balcony", seq) + arch.head_flops) + arch.head_flops))
-        plans.append(StagePlan(EVALUATE.name, cluster.evaluate, scored, per_token, 1, max(1, cluster.evaluate.gpus_per_node),
-                               scored * per_token / rate.evaluate_flops, 0,
-                               note="+ decode-speed measurements (eval.speed)" if cfg.eval.speed else ""))
-
-    problems += resource_problems(cluster, plans, arch, site, gpu)
-    return Plan(arch, plans, problems)
+        plans.append(evaluate_plan(ctx))
+    ctx.problems += resource_problems(ctx, plans)
+    return Plan(ctx.arch, plans, ctx.problems)
 
 
-def resource_problems(cluster: ClusterConfig, plans: list[StagePlan], arch: Architecture, site: str, gpu: bool) -> list[str]:
+def array_plan(ctx: PlanContext, stage: str, job: JobConfig, key: str, seconds_per_token: float, flops: float,
+               written: int) -> StagePlan:
+    """An array stage: tasks sized to fit the time limit (array_tasks 0) or checked against it. A task
+    writes whole shards (a block of them), so its time is that of its share of shards."""
+    specs, limit = planned_shards(ctx.cfg), parse_time(job.time, f"{key}.time")
+    shard_s = ctx.cfg.data.sequences_per_shard * ctx.cfg.data.seq_len * seconds_per_token
+    per_task = max(1, int(limit * FIT // shard_s))  # shards one task can write in time
+    tasks = ctx.cluster.array_tasks or min(len(specs), math.ceil(len(specs) / per_task))
+    wall = math.ceil(len(specs) / tasks) * shard_s
+    if wall > limit * FIT:
+        fix = (f"set array_tasks to {math.ceil(len(specs) / per_task)} or more (0: sized by the plan) or raise {key}.time"
+               if shard_s <= limit * FIT else
+               f"one shard takes ~{hours(shard_s)}: lower data.sequences_per_shard or raise {key}.time")
+        ctx.problems.append(f"{ctx.site}: {key}.time: each of {tasks} {stage} tasks needs ~{hours(wall)}, over "
+                            f"{FIT:.0%} of its {job.time} limit; {fix}")
+    return StagePlan(stage, job, ctx.tokens, flops, tasks, max(1, job.gpus_per_node), wall, written)
+
+
+def tokenize_plan(ctx: PlanContext) -> StagePlan:
+    job, data = ctx.cluster.tokenize, ctx.cfg.data
+    plan = array_plan(ctx, TOKENIZE.name, job, "tokenize",
+                      1 / (ctx.cluster.throughput.tokenize_tokens_per_s * job.cpus_per_task), 0.0, ctx.tokens * TOKEN_BYTES)
+    plan.note = "the time is tokenizing; " + ("every task reads the whole source (data.read_groups 1)"
+                                              if data.read_groups == 1 else
+                                              f"each task reads the read groups its shards come from (of {data.read_groups})")
+    return plan
+
+
+def teacher_plan(ctx: PlanContext) -> StagePlan:
+    fmt = TargetFormat(ctx.cfg.teacher, ctx.arch.vocab)
+    flops = ctx.arch.forward_flops(ctx.cfg.data.seq_len)
+    plan = array_plan(ctx, TEACHER_LOGITS.name, ctx.cluster.teacher, "teacher",
+                      flops / ctx.cluster.throughput.teacher_flops, flops,
+                      ctx.tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
+    plan.memory = teacher_memory(ctx.arch, ctx.cfg, ctx.gpu)
+    return plan
+
+
+# (depths, exits.kind, share of positions the loss reads, whether the teacher runs online) of one set of exits
+ExitRun = tuple[list[int], str, float, bool]
+
+
+def exit_runs(ctx: PlanContext, depths: list[int]) -> list[ExitRun]:
+    """What train-exits trains at `depths`: the exits, then each baseline."""
+    return [(depths, c.exits.kind, c.train.loss_positions, c.train.online_teacher or c.train.objective == "ce")
+            for _, c, _ in ctx.cfg.exit_runs()]
+
+
+def training_plan(ctx: PlanContext, stage: str, runs: list[ExitRun], train_tokens: int) -> StagePlan:
+    """search- or train-exits: compute over the ranks, ZeRO-3's gathers beside it, memory, time limits."""
+    cfg, job, world, seq = ctx.cfg, ctx.cluster.train, ctx.world, ctx.cfg.data.seq_len
+    flops = sum(train_flops_per_token(ctx.arch, *run, seq) for run in runs)
+    compute = train_tokens * flops / (world * ctx.cluster.throughput.train_flops)
+    comm = 0.0
+    if cfg.train.zero_stage == 3 and world > 1:
+        micro_batches = train_tokens / world / (cfg.train.micro_batch_size * seq)
+        gathered = sum(zero3_gathered_bytes(ctx.arch, cfg, depths) for depths, *_ in runs)
+        comm = micro_batches * gathered / ctx.cluster.throughput.network_bytes_per_s
+    plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
+                     memory=memory_per_device(ctx.arch, cfg, runs[0][0], world, ctx.gpu))
+    limit = parse_time(job.time, "train.time")
+    if plan.wall_s <= limit * FIT:
+        return plan
+    if not ctx.cluster.requeue_grace_s:
+        ctx.problems.append(f"{ctx.site}: train.time: {stage} needs ~{hours(plan.wall_s)} on {world} devices, over "
+                            f"{FIT:.0%} of its {job.time} limit, and requeue_grace_s is 0; raise train.time or "
+                            "train.nodes, or let it requeue (requeue_grace_s > 0)")
+    else:
+        plan.note = f"~{math.ceil(plan.wall_s / (limit * FIT)) - 1} requeues at the time limit, each resuming its checkpoint"
+    step_s = plan.wall_s / max(1, train_tokens // cfg.train.tokens_per_step)
+    if step_s * cfg.train.checkpoint_every > limit * FIT:
+        ctx.problems.append(f"{ctx.site}: train.checkpoint_every: {cfg.train.checkpoint_every} steps take "
+                            f"~{hours(step_s * cfg.train.checkpoint_every)}, past {FIT:.0%} of the {job.time} limit: "
+                            "a requeued job would never reach a checkpoint; lower it")
+    return plan
+
+
+def search_plan(ctx: PlanContext) -> StagePlan:
+    from pipeline.search import candidate_depths
+
+    _, kind, _, online = exit_runs(ctx, [])[0]
+    candidates = candidate_depths(ctx.cfg, ctx.arch.layers)
+    return training_plan(ctx, SEARCH_EXITS.name, [(candidates, kind, ctx.cfg.search.loss_positions, online)],
+                         ctx.cfg.search.tokens)
+
+
+def train_plan(ctx: PlanContext) -> StagePlan:
+    cfg, depths = ctx.cfg, planned_depths(ctx.cfg, ctx.arch)
+    trained = cfg.train.max_steps * cfg.train.tokens_per_step or cfg.train.epochs * cfg.data.total_tokens
+    plan = training_plan(ctx, TRAIN_EXITS.name, exit_runs(ctx, depths), trained)
+    plan.bytes_written = trained_params(ctx.arch, cfg.exits.kind, len(depths)) * STATE_BYTES * cfg.train.keep_checkpoints
+    return plan
+
+
+def evaluate_plan(ctx: PlanContext) -> StagePlan:
+    """One forward of the full model, then every exit and baseline, and the logit lens, per token scored."""
+    cfg, arch, seq = ctx.cfg, ctx.arch, ctx.cfg.data.seq_len
+    scored = cfg.data.heldout_tokens + len(cfg.eval.data) * cfg.eval.data_tokens
+    depths, trained_sets = planned_depths(cfg, arch), len(cfg.exit_runs())
+    per_token = (arch.forward_flops(seq)
+                 + len(depths) * (trained_sets * (exit_flops(arch, "balcony", seq) + arch.head_flops) + arch.head_flops))
+    job = ctx.cluster.evaluate
+    return StagePlan(EVALUATE.name, job, scored, per_token, 1, max(1, job.gpus_per_node),
+                     scored * per_token / ctx.cluster.throughput.evaluate_flops, 0,
+                     note="+ decode-speed measurements (eval.speed)" if cfg.eval.speed else "")
+
+
+def memory_advice(ctx: PlanContext, stage: str, part: str) -> str:
+    """What lowers the largest part of a stage's memory per device: a knob of that stage, its direction."""
+    if stage == TEACHER_LOGITS.name:
+        if part == "backbone":
+            if ctx.arch.dtype_bytes > 2:
+                return "set model.dtype bfloat16 (half the bytes)"
+            return "the teacher holds the whole backbone on each device; no setting splits it: use devices with more memory"
+        return {"activations": "lower teacher.batch_size", "head chunk": "lower teacher.chunk_size"}.get(
+            part, "raise teacher.mem")
+    return {"backbone": "set train.zero_stage 3 (it shards the backbone over the ranks)",
+            "exit states": "raise train.zero_stage (it shards the exits' optimizer states)",
+            "activations": "lower train.micro_batch_size", "prefix": "lower train.micro_batch_size",
+            "loss chunk": "lower train.chunk_size"}.get(part, "raise train.mem")
+
+
+def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
     """Requests a node cannot grant, memory a device or node cannot hold, output the disk cannot take."""
-    node, problems = cluster.node, []
+    node, problems, arch, site = ctx.cluster.node, [], ctx.arch, ctx.site
     key_of = {TOKENIZE.name: "tokenize", TEACHER_LOGITS.name: "teacher", SEARCH_EXITS.name: "train",
               TRAIN_EXITS.name: "train", EVALUATE.name: "evaluate"}
     node_memory = parse_bytes(node.memory, "node.memory") if node.memory else 0
@@ -362,7 +430,7 @@ def resource_problems(cluster: ClusterConfig, plans: list[StagePlan], arch: Arch
         if not plan.memory:
             continue
         per_device = sum(plan.memory.values())
-        if gpu:
+        if ctx.gpu:
             limit = parse_bytes(node.gpu_memory, "node.gpu_memory") if node.gpu_memory else 0
             host = job.tasks_per_node * arch.total_params * arch.dtype_bytes  # each rank loads the backbone on the host
             if asked and host > asked:
@@ -372,13 +440,9 @@ def resource_problems(cluster: ClusterConfig, plans: list[StagePlan], arch: Arch
             limit = asked / job.tasks_per_node if asked else 0
         if limit and per_device > limit:
             biggest = max(plan.memory, key=plan.memory.get)
-            knob = {"backbone": "train.zero_stage (3 shards the backbone)", "activations": "train.micro_batch_size",
-                    "loss chunk": "train.chunk_size", "head chunk": "teacher.chunk_size",
-                    "exit states": "train.zero_stage", "prefix": "train.micro_batch_size"}.get(biggest, f"{key}.mem")
-            if plan.stage == TEACHER_LOGITS.name and biggest == "activations":
-                knob = "teacher.batch_size"
             problems.append(f"{site}: {plan.stage} needs ~{size(per_device)} per device, more than its "
-                            f"{size(limit)}; the largest part is {biggest} ({size(plan.memory[biggest])}): lower {knob}")
+                            f"{size(limit)}; the largest part is {biggest} ({size(plan.memory[biggest])}): "
+                            + memory_advice(ctx, plan.stage, biggest))
     if node.disk:
         written = sum(p.bytes_written for p in plans)
         if written > parse_bytes(node.disk, "node.disk"):

@@ -99,7 +99,7 @@ def test_memory_and_disk_refusals():
     small_gpus = site()
     small_gpus.node.gpu_memory = "24G"
     plan = make_plan(cfg, small_gpus, chain(cfg))
-    assert any("largest part is backbone" in p and "train.zero_stage (3 shards the backbone)" in p for p in plan.problems)
+    assert any("largest part is backbone" in p and "set train.zero_stage 3 (it shards the backbone over the ranks)" in p for p in plan.problems)
     small_disk = site()
     small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
     assert any(p.endswith("lower data.budget_tokens or teacher.k, or free space") for p in
@@ -157,3 +157,17 @@ def test_calibrate_measures_the_table_the_plan_reads(tmp_path, tracking_uri, ass
     assert load_cluster_config(site).throughput.train_flops == pytest.approx(rates["train_flops"])
     plan = subprocess.run([*run, "--cluster", str(site), "--plan"], capture_output=True, text=True, cwd=ROOT)
     assert plan.returncode == 0 and "| teacher-logits |" in plan.stdout, plan.stderr[-2000:]
+
+
+def test_memory_advice_names_a_knob_of_the_stage_in_the_right_direction():
+    """The teacher holds the whole backbone: with GPUs smaller than it, no train.* knob helps it."""
+    cfg = paper("train.zero_stage=3")
+    small_gpus = site()
+    small_gpus.node.gpu_memory = "12G"  # the bf16 8B backbone alone is ~15 GiB
+    problems = make_plan(cfg, small_gpus, chain(cfg)).problems
+    teacher = [p for p in problems if "teacher-logits needs" in p]
+    assert len(teacher) == 1 and "largest part is backbone" in teacher[0], problems
+    assert "train." not in teacher[0] and "no setting splits it" in teacher[0]
+    fp32 = paper("model.dtype=float32")
+    teacher = [p for p in make_plan(fp32, small_gpus, chain(fp32)).problems if "teacher-logits needs" in p]
+    assert teacher and teacher[0].endswith("set model.dtype bfloat16 (half the bytes)")
