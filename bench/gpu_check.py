@@ -75,12 +75,12 @@ def main(argv=None) -> int:
         config.num_hidden_layers = args.layers
     started = time.perf_counter()
     with torch.device(device):
-        lm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+        backbone = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
     name = torch.cuda.get_device_name() if not args.cpu else "CPU"
     print(f"gpu-check on {name}: {arch.layers} layers, vocabulary {arch.vocab:,}, {dtype}, seq {args.seq}, "
           f"random weights made in {time.perf_counter() - started:.0f} s", flush=True)
 
-    teacher = teacher_of(lm, cfg)
+    teacher = teacher_of(backbone, cfg)
     ids = random_ids(args.batch, args.seq, arch.vocab)
     keys = [f"sample-{i}" for i in range(len(ids))]
     bare_s, bare_peak = peak(lambda: torch.inference_mode()(teacher.decoder.final_hidden)(
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     print(f"teacher: {tokens / teacher_s:,.0f} tok/s against a bare forward's {tokens / bare_s:,.0f}: "
           f"ratio {bare_s / teacher_s:.2f}; peak {shown(teacher_peak)} (plan {size(planned_teacher)})", flush=True)
 
-    model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init).to(device)
+    model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init).to(device)
     cached_s, cached_peak = peak(exits_step(model, teacher, cfg, online=False), calls=args.steps)
     online_s, online_peak = peak(exits_step(model, teacher, cfg, online=True), calls=args.steps)
     parts = memory_per_device(arch, cfg, cfg.exits.depths, world=1, gpu=not args.cpu)

@@ -43,31 +43,31 @@ def main() -> None:
     args = parser.parse_args()
     demo = load_config(DEMO)
     searched = dataclasses.replace(demo, exits=dataclasses.replace(demo.exits, depths=AUTO, count=3))
-    lm = load_backbone(ModelConfig(backbone=str(BACKBONE)))
+    backbone = load_backbone(ModelConfig(backbone=str(BACKBONE)))
     ids = corpus_batch(load_tokenizer(ModelConfig(backbone=str(BACKBONE))), args.batch, args.seq)
     teacher = dataclasses.replace(demo.teacher, fidelity_positions=0)
-    fmt = TargetFormat(teacher, lm.config.vocab_size)
-    targets = Teacher(lm, fmt, teacher).targets(ids.numpy(), [f"b{i}" for i in range(args.batch)])
+    fmt = TargetFormat(teacher, backbone.config.vocab_size)
+    targets = Teacher(backbone, fmt, teacher).targets(ids.numpy(), [f"b{i}" for i in range(args.batch)])
     batch = {"input_ids.npy": ids, **{k: torch.as_tensor(np.stack([t[k] for t in targets]))
                                       for k in (fmt.ids_key, fmt.logprobs_key)}}
-    candidates = candidate_depths(searched, Decoder(lm).num_layers)
-    share = searched.search.loss_positions
+    candidates = candidate_depths(searched, Decoder(backbone).num_layers)
+    loss_positions = searched.search.loss_positions
 
     def stepper(depths: list[int], positions: float):
-        model = BalconyModel(lm, depths, init=demo.exits.init)
+        model = BalconyModel(backbone, depths, init=demo.exits.init)
         optimizer = torch.optim.AdamW(model.exits.parameters(), lr=1e-5)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=demo.train.autocast_bf16):
-                kls = exit_losses(model, model.logits, model.depths, batch, fmt, demo.train.chunk_size, share=positions)
-            kls.mean().backward()
+                losses = exit_losses(model, model.logits, model.depths, batch, fmt, demo.train.chunk_size, loss_positions=positions)
+            losses.mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
 
     runs = {"demo exits": stepper(demo.exits.depths, 1.0), "candidates, every position": stepper(candidates, 1.0),
-            f"candidates, {share:.0%} of positions": stepper(candidates, share)}
+            f"candidates, {loss_positions:.0%} of positions": stepper(candidates, loss_positions)}
     times = {name: [] for name in runs}
     for step in runs.values():
         step()  # warm-up
@@ -83,10 +83,10 @@ def main() -> None:
     for name, seconds in median.items():
         print(f"  {name:32s} {seconds:6.2f} s/step  {tokens / seconds:7.0f} tok/s  "
               f"{seconds / median['demo exits']:.2f}x the demo's step")
-    full, sampled = median["candidates, every position"], median[f"candidates, {share:.0%} of positions"]
-    head = (full - sampled) / (1 - share)  # the head and loss at every position
+    full, sampled = median["candidates, every position"], median[f"candidates, {loss_positions:.0%} of positions"]
+    head = (full - sampled) / (1 - loss_positions)  # the head and loss at every position
     print(f"  head + loss: {head:.2f} s of the candidates' {full:.2f} s step ({head / full:.0%}); "
-          f"{share:.0%} of positions saves {1 - sampled / full:.0%} of it")
+          f"{loss_positions:.0%} of positions saves {1 - sampled / full:.0%} of it")
 
 
 if __name__ == "__main__":

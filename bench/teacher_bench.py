@@ -22,14 +22,14 @@ from pipeline.teacher import FidelityMeter, Teacher
 from common import BACKBONE, compare, corpus_batch
 
 
-def throughput(lm, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
+def throughput(backbone, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
     cfg = TeacherConfig(k=64, chunk_size=chunk, fidelity_positions=0)
-    teacher = Teacher(lm, TargetFormat(cfg, lm.config.vocab_size), cfg)
+    teacher = Teacher(backbone, TargetFormat(cfg, backbone.config.vocab_size), cfg)
     keys = [f"b{i}" for i in range(len(ids))]
 
     @torch.inference_mode()
     def bare():
-        lm(input_ids=ids, use_cache=False).logits.float().cpu()
+        backbone(input_ids=ids, use_cache=False).logits.float().cpu()
 
     def stage():
         targets = teacher.targets(ids.cpu().numpy(), keys)
@@ -41,11 +41,11 @@ def throughput(lm, ids: torch.Tensor, repeats: int, chunk: int) -> dict:
 
 
 @torch.inference_mode()
-def fidelity_table(lm, ids: torch.Tensor) -> list[dict]:
-    hidden = lm(input_ids=ids, output_hidden_states=True, use_cache=False)
+def fidelity_table(backbone, ids: torch.Tensor) -> list[dict]:
+    hidden = backbone(input_ids=ids, output_hidden_states=True, use_cache=False)
     teacher = hidden.logits.flatten(0, 1).float().log_softmax(-1)
     # the probe student of the stage: the logit lens one layer below the top
-    decoder = Decoder(lm)
+    decoder = Decoder(backbone)
     student = decoder.logits(decoder.norm(hidden.hidden_states[-2])).flatten(0, 1).float()
     uniforms = torch.rand(teacher.shape[0], 48, generator=torch.Generator().manual_seed(0))
     variants = [(f"top-{k} naive fp16+int32", TeacherConfig(k=k, compact=False)) for k in (16, 32, 64, 128)]
@@ -53,7 +53,7 @@ def fidelity_table(lm, ids: torch.Tensor) -> list[dict]:
     variants += [(f"sampled n={n} compact", TeacherConfig(format="sampled", samples=n)) for n in (12, 24, 48)]
     rows = []
     for name, cfg in variants:
-        fmt = TargetFormat(cfg, lm.config.vocab_size)
+        fmt = TargetFormat(cfg, backbone.config.vocab_size)
         meter = FidelityMeter()
         draws = uniforms[:, : cfg.samples] if cfg.format == "sampled" else None
         encoded = fmt.encode(*fmt.select(teacher.clone(), draws))
@@ -71,7 +71,7 @@ def llama3_8b_gpu(repeats: int) -> dict | None:
                          num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                          attn_implementation="sdpa")
     with torch.device("cuda"):
-        lm = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+        backbone = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
     ids = torch.randint(0, config.vocab_size, (8, 2048), device="cuda")
 
     def sync(fn):
@@ -81,11 +81,11 @@ def llama3_8b_gpu(repeats: int) -> dict | None:
         return run
 
     cfg = TeacherConfig(k=64, chunk_size=2048, fidelity_positions=0)
-    teacher = Teacher(lm, TargetFormat(cfg, config.vocab_size), cfg)
+    teacher = Teacher(backbone, TargetFormat(cfg, config.vocab_size), cfg)
     keys = [f"b{i}" for i in range(8)]
     @torch.inference_mode()
     def bare():
-        lm(input_ids=ids, use_cache=False).logits
+        backbone(input_ids=ids, use_cache=False).logits
 
     bare_s, stage_s = compare(sync(bare), sync(lambda: teacher.targets(ids.cpu().numpy(), keys)), repeats)
     return {"bare_tok_s": ids.numel() / bare_s, "stage_tok_s": ids.numel() / stage_s, "ratio": bare_s / stage_s,
@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     args = parser.parse_args()
     model = ModelConfig(backbone=str(BACKBONE))
-    lm, tokenizer = load_backbone(model), load_tokenizer(model)
+    backbone, tokenizer = load_backbone(model), load_tokenizer(model)
     ids = corpus_batch(tokenizer, args.batch, args.seq)
-    speed = throughput(lm, ids, args.repeats, args.chunk)
+    speed = throughput(backbone, ids, args.repeats, args.chunk)
     print(f"\nteacher-logits, SmolLM2-135M fp32 on CPU, batch {args.batch} x {args.seq}, top-64 compact, median of {args.repeats} alternating runs")
     print(f"  bare forward (HF, full logits): {speed['bare_tok_s']:8.0f} tok/s")
     print(f"  stage path (targets + shard):   {speed['stage_tok_s']:8.0f} tok/s")
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"\nbytes and fidelity on {ids.numel()} positions (student for the KL columns: logit lens at layer L-1)")
     header = f"  {'format':34s} {'bytes/tok':>9s} {'KL(p||p^)':>10s} {'tail mass':>9s} {'KL bias':>8s} {'KL noise':>8s}"
     print(header)
-    for row in fidelity_table(lm, ids):
+    for row in fidelity_table(backbone, ids):
         target_kl = f"{row['target_kl']:10.4f}" if "target_kl" in row else f"{'-':>10s}"
         tail = f"{row['tail_mass']:9.4f}" if "tail_mass" in row else f"{'-':>9s}"
         print(f"  {row['format']:34s} {row['bytes_per_token']:9d} {target_kl} {tail} "

@@ -40,31 +40,31 @@ TEACHER = dataclasses.replace(load_config(DEMO).teacher, fidelity_positions=0)  
 def make_targets(batch: int, seq: int, out: str) -> None:
     """The cached mode's targets, by the teacher stage's own code, saved to `out` (.npz)."""
     model_cfg = ModelConfig(backbone=str(BACKBONE))
-    lm, tokenizer = load_backbone(model_cfg), load_tokenizer(model_cfg)
+    backbone, tokenizer = load_backbone(model_cfg), load_tokenizer(model_cfg)
     ids = corpus_batch(tokenizer, batch, seq)
-    fmt = TargetFormat(TEACHER, lm.config.vocab_size)
-    targets = Teacher(lm, fmt, TEACHER).targets(ids.numpy(), [f"b{i}" for i in range(batch)])
+    fmt = TargetFormat(TEACHER, backbone.config.vocab_size)
+    targets = Teacher(backbone, fmt, TEACHER).targets(ids.numpy(), [f"b{i}" for i in range(batch)])
     np.savez(out, **{k: np.stack([t[k] for t in targets]) for k in (fmt.ids_key, fmt.logprobs_key)})
 
 
 def measure(mode: str, batch: int, seq: int, repeats: int, targets: str | None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = ModelConfig(backbone=str(BACKBONE))
-    lm, tokenizer = load_backbone(model_cfg, device), load_tokenizer(model_cfg)
+    backbone, tokenizer = load_backbone(model_cfg, device), load_tokenizer(model_cfg)
     demo = load_config(DEMO)
     ids = corpus_batch(tokenizer, batch, seq)
     inputs = {"input_ids.npy": ids.to(device)}
     fmt = None
     if mode == "cached":
-        fmt = TargetFormat(TEACHER, lm.config.vocab_size)
+        fmt = TargetFormat(TEACHER, backbone.config.vocab_size)
         with np.load(targets) as arrays:
             inputs.update({k: torch.as_tensor(arrays[k]).to(device) for k in (fmt.ids_key, fmt.logprobs_key)})
-    model = BalconyModel(lm, demo.exits.depths)
+    model = BalconyModel(backbone, demo.exits.depths)
     optimizer = torch.optim.AdamW(model.exits.parameters(), lr=1e-4)
 
     def step():
-        kls = exit_losses(model, model.logits, model.depths, inputs, fmt, demo.train.chunk_size)
-        kls.mean().backward()
+        losses = exit_losses(model, model.logits, model.depths, inputs, fmt, demo.train.chunk_size)
+        losses.mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -88,12 +88,12 @@ def main() -> int:
     ids = random_ids(args.micro, args.seq, arch.vocab, seed=rank)
     rows = []
     for name, settings in VARIANTS.items():
-        lm = load_backbone(cfg.model, device)
-        teacher = teacher_of(lm, cfg)  # targets from the whole backbone, before ZeRO-3 partitions it
+        backbone = load_backbone(cfg.model, device)
+        teacher = teacher_of(backbone, cfg)  # targets from the whole backbone, before ZeRO-3 partitions it
         targets = teacher.targets(ids, [f"s{i}" for i in range(len(ids))])
         batch = {"input_ids.npy": torch.as_tensor(ids, device=device),
                  **{k: torch.as_tensor(np.stack([t[k] for t in targets]), device=device) for k in targets[0]}}
-        model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
+        model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
         params = [p for p in model.exits.parameters() if p.requires_grad]
         ds = deepspeed_config(cfg, 1, bf16=False)
         ds["zero_optimization"].update(settings)

@@ -32,7 +32,7 @@ DEMO_TOKENS = 163_840  # the demo's budget before this study: rows compare at it
 # Shakespeare: the study predates the modern-English collections), and what every row's evaluation
 # skips (decode speed is measured in `make demo`).
 STUDY_DATA = ["data.files=[assets/corpus/austen.jsonl,assets/corpus/bible.jsonl,assets/corpus/milton.jsonl,assets/corpus/shakespeare.jsonl]",
-              "data.budget_tokens=327680", "data.heldout_tokens=16384"]
+              "data.train_tokens=327680", "data.heldout_tokens=16384"]
 COMMON = [*STUDY_DATA, "eval.speed=false"]
 
 

@@ -38,7 +38,7 @@ STEPS = [16, 32, 64, 128, 256, 512, 1024, 2048]  # snapshots; the last point is 
 # the demo's recipe as the curve in results/ measured it: top-64 targets and a cosine schedule
 # (configs/demo.yaml has since moved to sampled targets, WSD, and two epochs with the loss on a quarter
 # of the positions, which the study found better on the same targets)
-CURVE_OVERRIDES = [f"data.budget_tokens={SCALE * DEMO_TOKENS}", "teacher.format=topk", "teacher.samples=24",
+CURVE_OVERRIDES = [f"data.train_tokens={SCALE * DEMO_TOKENS}", "teacher.format=topk", "teacher.samples=24",
                    "train.schedule=cosine", "train.epochs=1", "train.loss_positions=1.0"]
 # each point's evaluation: quality on the held-out tokens and the demo's out-of-domain set; at the
 # demo's budget, twice it and the end (the speed trend's points), also speed with one batch size over

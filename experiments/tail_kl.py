@@ -19,7 +19,7 @@ import torch
 from pipeline.backbone import load_backbone
 from pipeline.balcony import BalconyModel
 from pipeline.config import load_config
-from pipeline.losses import exact_kl, kl_to_target
+from pipeline.losses import full_kl, sparse_kl
 from pipeline.shards import MANIFEST, TOKENS_KEY, read_shard
 from pipeline.targets import TargetFormat
 
@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=8)
     args = parser.parse_args()
     cfg = load_config(args.config, [f"run.dir={args.run}"])
-    lm = load_backbone(cfg.model)
-    model = BalconyModel.from_pretrained(lm, args.run / "exits").eval()
+    backbone = load_backbone(cfg.model)
+    model = BalconyModel.from_pretrained(backbone, args.run / "exits").eval()
     teacher_dir = args.run / "teacher"
     manifest = json.loads((teacher_dir / MANIFEST).read_text())
     fmt = TargetFormat.from_description(manifest["target_format"])
@@ -52,8 +52,8 @@ def main() -> None:
             for start in range(0, len(flat), chunk):
                 stop = min(start + chunk, len(flat))
                 logits = model.logits(flat[start:stop])
-                exact += float(exact_kl(model.logits(full[start:stop]).float().log_softmax(-1), logits).sum())
-                coarse += float(kl_to_target(logits, target.rows(start, stop)).sum())
+                exact += float(full_kl(logits, model.logits(full[start:stop]).float().log_softmax(-1))[0].sum())
+                coarse += float(sparse_kl(logits, target.rows(start, stop))[0].sum())
             n = len(flat)
             print(f"exit@{depth}: exact KL {exact / n:.3f}, top-{fmt.entries} + rest KL {coarse / n:.3f}, "
                   f"inside the tail {(exact - coarse) / n:.3f} nats")

@@ -85,7 +85,7 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     if model.num_layers:  # the dropped layers' weights are reported as unexpected: that is the point
         transformers_logging.set_verbosity_error()
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
+        backbone = AutoModelForCausalLM.from_pretrained(
             folder, dtype=resolve_dtype(model, device), use_safetensors=True,
             trust_remote_code=model.trust_remote_code, **overrides,
         )
@@ -93,10 +93,10 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
         raise InputError(f"model.backbone: cannot load {folder} ({str(e).splitlines()[0]})") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    lm = text_decoder(lm)  # a multimodal checkpoint: its text model
-    check_supported(lm)  # before any work: a model Balcony cannot run layer by layer is refused here
-    lm.requires_grad_(False)
-    return lm.eval().to(device)
+    backbone = text_decoder(backbone)  # a multimodal checkpoint: its text model
+    check_supported(backbone)  # before any work: a model Balcony cannot run layer by layer is refused here
+    backbone.requires_grad_(False)
+    return backbone.eval().to(device)
 
 
 def backbone_on_meta(model: ModelConfig):
@@ -113,9 +113,9 @@ def backbone_on_meta(model: ModelConfig):
     if model.num_layers:
         config.num_hidden_layers = model.num_layers
     with torch.device("meta"):
-        lm = text_decoder(AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code))
-    check_supported(lm)
-    return lm
+        backbone = text_decoder(AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code))
+    check_supported(backbone)
+    return backbone
 
 
 def _file_sha256_cached(path: Path) -> str:
@@ -130,9 +130,9 @@ def _file_sha256_cached(path: Path) -> str:
     return cache[key]
 
 
-def backbone_fingerprint(model: ModelConfig, lm) -> str:
+def backbone_fingerprint(model: ModelConfig, backbone) -> str:
     """Hash of the architecture (config, including any truncation) and of the weight files."""
-    config = {k: v for k, v in lm.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config = {k: v for k, v in backbone.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     weights = {p.name: _file_sha256_cached(p) for p in sorted(weights_dir(model).glob("*.safetensors"))}
     identity = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]

@@ -59,7 +59,7 @@ class Exit(nn.Module):
         self.layer_type = layer_type  # that layer's attention type (full, sliding, ...)
 
 
-class AffineTranslator(nn.Module):
+class TunedLens(nn.Module):
     """The tuned lens's translator: h + A h + b, zero at init (so it starts as the logit lens).
     Takes a decoder layer's keyword arguments and ignores them: it sees one position at a time."""
 
@@ -76,7 +76,7 @@ def make_exit(decoder: Decoder, depth: int, kind: str, init: str) -> Exit:
     source = depth if init == "next_layer" else decoder.num_layers - 1  # the layer an exit is a copy of
     if kind == "tuned_lens":
         norm = copy.deepcopy(decoder.norm).requires_grad_(False)  # the lens reads through the model's own norm
-        translator = AffineTranslator(decoder.config.hidden_size).to(decoder.norm.weight.dtype)
+        translator = TunedLens(decoder.config.hidden_size).to(decoder.norm.weight.dtype)
         return Exit(translator.requires_grad_(True), norm, source, decoder.types[source])
     if init == "next_layer":
         norm = decoder.norm

@@ -41,13 +41,13 @@ def random_ids(rows: int, seq_len: int, vocab: int, seed: int = 0) -> np.ndarray
     return np.random.default_rng(seed).integers(0, vocab, (rows, seq_len))
 
 
-def teacher_of(lm, cfg: Config):
+def teacher_of(backbone, cfg: Config):
     """The teacher stage's per-batch work (no fidelity probes: they are not the stage's cost at scale)."""
     from pipeline.targets import TargetFormat
     from pipeline.teacher import Teacher
 
-    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
-    return Teacher(lm, fmt, dataclasses.replace(cfg.teacher, fidelity_positions=0))
+    fmt = TargetFormat(cfg.teacher, backbone.config.vocab_size)
+    return Teacher(backbone, fmt, dataclasses.replace(cfg.teacher, fidelity_positions=0))
 
 
 def exits_step(model, teacher, cfg: Config, online: bool):
@@ -94,15 +94,15 @@ def calibrate(cfg: Config, min_seconds: float = MIN_SECONDS) -> dict[str, float]
     cores = len(os.sched_getaffinity(0))  # the tokenizer's batch encoding runs on all of them
     rates["tokenize_tokens_per_s"] = tokens / timed(lambda: encode(texts), min_seconds) / cores
 
-    lm = load_backbone(cfg.model, device)
-    teacher = teacher_of(lm, cfg)
+    backbone = load_backbone(cfg.model, device)
+    teacher = teacher_of(backbone, cfg)
     ids = random_ids(cfg.teacher.batch_size, seq, arch.vocab)
     keys = [f"sample-{i}" for i in range(len(ids))]
     seconds = timed(lambda: teacher.targets(ids, keys), min_seconds)
     rates["teacher_flops"] = rates["evaluate_flops"] = ids.size * arch.forward_flops(seq) / seconds
 
     depths = planned_depths(cfg, arch)
-    model = BalconyModel(lm, depths, cfg.exits.kind, cfg.exits.init).to(device)
+    model = BalconyModel(backbone, depths, cfg.exits.kind, cfg.exits.init).to(device)
     seconds = timed(exits_step(model, teacher, cfg, online=False), min_seconds)
     per_token = train_flops_per_token(arch, depths, cfg.exits.kind, cfg.train.loss_positions, False, seq)
     rates["train_flops"] = cfg.train.micro_batch_size * seq * per_token / seconds

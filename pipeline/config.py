@@ -82,12 +82,12 @@ class DataConfig:
     """With chat_template: the field of the prompt; records become (prompt, text) conversations."""
     chat_template: bool = False
     """Format each record with the tokenizer's chat template (as the reference code does for cosmopedia)."""
-    budget_tokens: int = _num(0, ge=0)
-    """Train tokens to write; give this or budget_fraction."""
-    budget_fraction: float = _num(0.0, ge=0.0, le=1.0)
+    train_tokens: int = _num(0, ge=0)
+    """Train tokens to write; give this or train_fraction."""
+    train_fraction: float = _num(0.0, ge=0.0, le=1.0)
     """Train tokens as a fraction of reference_tokens (the paper: 0.2% of 15T)."""
     reference_tokens: int = _num(0, ge=0)
-    """The backbone's pretraining tokens, for budget_fraction."""
+    """The backbone's pretraining tokens, for train_fraction."""
     heldout_fraction: float = _num(0.01, gt=0.0, lt=1.0)
     """Share of documents held out (never trained on)."""
     heldout_tokens: int = _num(65536, gt=0)
@@ -119,16 +119,16 @@ class DataConfig:
             raise ConfigError(f"{path}.files: required when {path}.source is '{self.source}'")
         if self.chat_template and not self.prompt_field:
             raise ConfigError(f"{path}.prompt_field: required when {path}.chat_template is true")
-        if (self.budget_tokens > 0) == (self.budget_fraction > 0):
-            raise ConfigError(f"{path}.budget_tokens: give exactly one of budget_tokens and budget_fraction (> 0)")
-        if self.budget_fraction > 0 and self.reference_tokens <= 0:
-            raise ConfigError(f"{path}.reference_tokens: required (> 0) with {path}.budget_fraction")
-        if self.total_tokens < self.seq_len:
-            raise ConfigError(f"{path}.budget_tokens: the budget ({self.total_tokens}) is below one sequence ({self.seq_len})")
+        if (self.train_tokens > 0) == (self.train_fraction > 0):
+            raise ConfigError(f"{path}.train_tokens: give exactly one of train_tokens and train_fraction (> 0)")
+        if self.train_fraction > 0 and self.reference_tokens <= 0:
+            raise ConfigError(f"{path}.reference_tokens: required (> 0) with {path}.train_fraction")
+        if self.train_token_count < self.seq_len:
+            raise ConfigError(f"{path}.train_tokens: {self.train_token_count} tokens are below one sequence ({self.seq_len})")
 
     @property
-    def total_tokens(self) -> int:
-        return self.budget_tokens or round(self.budget_fraction * self.reference_tokens)
+    def train_token_count(self) -> int:
+        return self.train_tokens or round(self.train_fraction * self.reference_tokens)
 
 
 AUTO = "auto"  # exits.depths: chosen by the search-exits stage
@@ -352,10 +352,10 @@ class Config:
         runs = [("exits", main, TRAIN_EXITS.dir(self))]
         for name in self.train.baselines:
             if name == "tuned_lens":
-                variant = dataclasses.replace(main, exits=dataclasses.replace(main.exits, kind="tuned_lens"))
+                recipe = dataclasses.replace(main, exits=dataclasses.replace(main.exits, kind="tuned_lens"))
             else:
-                variant = dataclasses.replace(main, train=dataclasses.replace(main.train, objective="ce"))
-            runs.append((name, variant, self.run_dir / "baselines" / name))
+                recipe = dataclasses.replace(main, train=dataclasses.replace(main.train, objective="ce"))
+            runs.append((name, recipe, self.run_dir / "baselines" / name))
         return runs
 
     def hash(self, *sections: str) -> str:

@@ -62,7 +62,7 @@ def plan_shards(data: DataConfig, groups: list[Group] | None = None) -> list[Sha
     share cut into its own shards (`groups`: source_groups, or looked up here)."""
     weights = [1.0] if data.read_groups == 1 else [g.weight for g in groups or source_groups(data)]
     specs = []
-    for split, tokens in (("train", data.total_tokens), ("heldout", data.heldout_tokens)):
+    for split, tokens in (("train", data.train_token_count), ("heldout", data.heldout_tokens)):
         index = 0
         for group, sequences in enumerate(apportion(max(1, round(tokens / data.seq_len)), weights)):
             for start in range(0, sequences, data.sequences_per_shard):
@@ -108,11 +108,11 @@ def check_budget(data: DataConfig, scan: Scan, encode, tokenizer, needed: int | 
         basis = (f"{scan.characters:,} characters in {scan.documents:,} documents at {per_token:.2f} characters "
                  f"per token, measured on {len(sample)} of them")
     share = needed is not None
-    needed = needed if share else data.total_tokens + data.heldout_tokens
+    needed = needed if share else data.train_token_count + data.heldout_tokens
     if estimate * BUDGET_MARGIN < needed:
         raise InputError(
-            f"data.budget_tokens: {where} hold{'s' if data.source == 'hub' else ''} about {estimate:,} tokens "
-            f"({basis}), fewer than the {needed:,} that {'their share of ' if share else ''}data.budget_tokens "
+            f"data.train_tokens: {where} hold{'s' if data.source == 'hub' else ''} about {estimate:,} tokens "
+            f"({basis}), fewer than the {needed:,} that {'their share of ' if share else ''}data.train_tokens "
             "and data.heldout_tokens ask for; lower them or add " + ("data" if data.source == "hub" else "files")
             + (", or lower data.read_groups" if share else ""))
 
@@ -222,7 +222,7 @@ def pack_shards(
         short = min(packers.values(), key=lambda p: p.filled / p.capacity)
         where = f" (read group {group} of {data.read_groups})" if data.read_groups > 1 else ""
         raise InputError(
-            f"data.budget_tokens: the corpus ran out of documents{where}: shard {short.spec.split}/{short.spec.index} "
-            f"got {short.filled} of {short.capacity} tokens; lower data.budget_tokens / data.heldout_tokens "
+            f"data.train_tokens: the corpus ran out of documents{where}: shard {short.spec.split}/{short.spec.index} "
+            f"got {short.filled} of {short.capacity} tokens; lower data.train_tokens / data.heldout_tokens "
             f"or add documents"
         )

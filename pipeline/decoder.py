@@ -31,38 +31,38 @@ from pipeline.errors import InputError
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 
 
-def text_decoder(lm):
+def text_decoder(backbone):
     """A multimodal causal LM (e.g. Gemma 3 4B+: Gemma3ForConditionalGeneration) as the causal LM of
     its text model alone, sharing its weights (the vision tower is dropped); any other model as is.
     Refused, with advice, when transformers has no causal-LM class for the text model."""
-    inner = getattr(lm, "model", None)
-    if inner is None or not hasattr(inner, "language_model") or not hasattr(lm, "lm_head"):
-        return lm
+    inner = getattr(backbone, "model", None)
+    if inner is None or not hasattr(inner, "language_model") or not hasattr(backbone, "lm_head"):
+        return backbone
     from transformers import AutoModelForCausalLM
 
-    text_config = lm.config.get_text_config()
+    text_config = backbone.config.get_text_config()
     try:
         with torch.device("meta"):  # no memory for weights that are replaced next
             text_lm = AutoModelForCausalLM.from_config(text_config)
     except ValueError:
         text_lm = None
     if text_lm is None or type(text_lm.model) is not type(inner.language_model):
-        raise InputError(f"model.backbone: {type(lm).__name__} is multimodal and its text model "
+        raise InputError(f"model.backbone: {type(backbone).__name__} is multimodal and its text model "
                          f"{type(inner.language_model).__name__} has no causal-LM class in transformers; give the "
                          "checkpoint of a text-only decoder")
-    text_lm.model, text_lm.lm_head = inner.language_model, lm.lm_head
+    text_lm.model, text_lm.lm_head = inner.language_model, backbone.lm_head
     return text_lm.eval()
 
 
-def check_supported(lm) -> None:
+def check_supported(backbone) -> None:
     """Refuse, naming the model class and what is missing, anything the Decoder cannot run."""
-    name = type(lm).__name__
-    config = getattr(lm, "config", None)
+    name = type(backbone).__name__
+    config = getattr(backbone, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise InputError(f"model.backbone: {name} is an encoder-decoder model; Balcony needs a decoder-only LM")
-    inner = getattr(lm, "model", None)
+    inner = getattr(backbone, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    missing = [f"model.{n}" for n in needed if not hasattr(inner, n)] + ([] if hasattr(lm, "lm_head") else ["lm_head"])
+    missing = [f"model.{n}" for n in needed if not hasattr(inner, n)] + ([] if hasattr(backbone, "lm_head") else ["lm_head"])
     if missing:
         raise InputError(f"model.backbone: {name} is not a supported decoder-only LM: it has no "
                          f"{', '.join(missing)} (Balcony runs model.embed_tokens, model.layers with a shared "
@@ -98,9 +98,9 @@ def _mask_functions() -> dict:
 class Decoder:
     """A loaded HF causal LM seen as embeddings -> layers -> norm -> head."""
 
-    def __init__(self, lm):
-        check_supported(lm)
-        self.lm, self.inner, self.config = lm, lm.model, lm.config
+    def __init__(self, backbone):
+        check_supported(backbone)
+        self.backbone, self.inner, self.config = backbone, backbone.model, backbone.config
         self.types = layer_types(self.config)
         rotary = inspect.signature(self.inner.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary  # Gemma 3: local and global RoPE from one module
@@ -134,7 +134,7 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head on normed hidden states, with the model's own output scaling and softcapping."""
-        logits = self.lm.lm_head(hidden)
+        logits = self.backbone.lm_head(hidden)
         scaling = getattr(self.config, "logits_scaling", None)  # Granite
         if scaling is not None:
             logits = logits / scaling
@@ -175,7 +175,7 @@ class Decoder:
         inner._modules = dict(inner._modules)
         inner.layers = nn.ModuleList([*self.layers[:depth], layer])
         inner.norm, inner.config = norm, config
-        outer = copy.copy(self.lm)
+        outer = copy.copy(self.backbone)
         outer._modules = dict(outer._modules)
         outer.model, outer.config = inner, config
         return outer

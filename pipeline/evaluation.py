@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import BalconyModel
 from pipeline.config import Config, EvalConfig
-from pipeline.losses import kl_from_logprobs, next_token_labels
+from pipeline.losses import next_token_labels
 from pipeline.registry import TOKENIZE
 from pipeline.shards import TOKENS_KEY, read_manifest, read_shard
 
@@ -104,7 +104,8 @@ def score_batch(model: BalconyModel, baselines: list[BalconyModel], variants: li
             nll = -logprobs[known].gather(-1, chunk_labels[known].unsqueeze(-1))
             variant.sums["nll"] += float(nll.sum())
             variant.counts["nll"] += int(known.sum())
-            variant.sums["kl"] += float(kl_from_logprobs(full_logprobs, logprobs).sum())
+            # KL(full || variant) from the log-probs both already have (losses.full_kl would redo the softmax)
+            variant.sums["kl"] += float((full_logprobs.exp() * (full_logprobs - logprobs)).sum())
             variant.sums["agree"] += float((logprobs.argmax(-1) == full_top1).sum())
             variant.counts["kl"] += stop - start
 

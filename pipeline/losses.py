@@ -6,7 +6,7 @@ special case of a one-hot teacher), so its gradient with respect to the student'
 asking autograd for it saves a handful of [n, V] passes per chunk (two logsumexps, a scatter copy
 and their backward), which on CPU is most of a chunk's time outside the head's two matmuls.
 
-`chunked_kl_sum` runs a loss over a whole batch of hidden states chunk by chunk, computing each
+`chunked_loss_sum` runs a loss over a whole batch of hidden states chunk by chunk, computing each
 chunk's gradient on the spot, so [batch, seq, vocab] float32 logits never exist at once, in the
 forward or the backward pass.
 """
@@ -49,27 +49,13 @@ def sparse_kl(student_logits: torch.Tensor, target: SparseTarget,
     return kl, grad.scatter_(-1, target.ids, q_at_ids * total.unsqueeze(-1) - target.weights)
 
 
-def kl_to_target(student_logits: torch.Tensor, target: SparseTarget) -> torch.Tensor:
-    """Per-position KL(teacher || student) as the target encodes it: [n, V] -> [n]."""
-    return sparse_kl(student_logits, target)[0]
-
-
-def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary KL(p || q) per position from both log-distributions: [n, V] x [n, V] -> [n]."""
-    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-
-
-def full_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor,
+def full_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor,
             with_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Full-vocabulary KL(p || q) per position, q given as logits, and its gradient q - p."""
+    """Full-vocabulary KL(p || q) per position, [n, V] x [n, V] -> [n], and, when `with_grad`, its
+    gradient q - p with respect to the student's logits."""
     logq = student_logits.float().log_softmax(-1)
-    kl = kl_from_logprobs(teacher_logprobs, logq)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - logq)).sum(-1)
     return kl, (logq.exp_().sub_(teacher_logprobs.exp()) if with_grad else None)
-
-
-def exact_kl(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary KL(p || q) per position, q given as logits: [n, V] x [n, V] -> [n]."""
-    return full_kl(teacher_logprobs, student_logits)[0]
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -88,7 +74,7 @@ def one_hot_target(labels: torch.Tensor) -> SparseTarget:
 ChunkLoss = Callable[[torch.Tensor, int, int, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-class _ChunkedKL(torch.autograd.Function):
+class _ChunkedLoss(torch.autograd.Function):
     """Per-input sums over positions of a loss of `head(hidden)`, for several [n, d] hidden states
     (one per exit); the backward returns the gradients computed chunk by chunk during the forward
     (the head is frozen: only the hidden states need one). Chunks are the outer loop, so what a
@@ -117,15 +103,15 @@ class _ChunkedKL(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def chunked_kl_sum(hidden: list[torch.Tensor], head: torch.nn.Module, loss_of_chunk: ChunkLoss,
+def chunked_loss_sum(hidden: list[torch.Tensor], head: torch.nn.Module, loss_of_chunk: ChunkLoss,
                    chunk: int) -> torch.Tensor:
     """[len(hidden)]: for each [n, d] hidden state, the sum over positions of
     `loss_of_chunk(head(hidden[start:stop]), start, stop, ...)`."""
-    return _ChunkedKL.apply(head, loss_of_chunk, chunk, *hidden)
+    return _ChunkedLoss.apply(head, loss_of_chunk, chunk, *hidden)
 
 
 def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], batch: dict[str, torch.Tensor],
-                fmt: TargetFormat | None, chunk: int, objective: str = "kl", share: float = 1.0,
+                fmt: TargetFormat | None, chunk: int, objective: str = "kl", loss_positions: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-exit mean loss over one micro-batch: [len(depths)], differentiable.
 
@@ -133,14 +119,15 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
     objective "kl": KL(teacher || exit), the teacher being the cached targets in `batch` (`fmt`),
     or with `fmt=None` the backbone's own full forward in the same pass (exact full-vocabulary KL).
     objective "ce": next-token cross-entropy on the tokens themselves (the EE-Tuning baseline).
-    `share` < 1: the loss reads that share of the positions, drawn by `generator` (the same for every
-    exit), so the head and loss cost that share; the exit layers still see every position.
+    `loss_positions` < 1 (train.loss_positions): the loss reads that share of the positions, drawn by
+    `generator` (the same for every exit), so the head and loss cost that share; the exit layers still
+    see every position.
     """
     input_ids = batch["input_ids.npy"].long()
     count = input_ids.numel()
     keep = None
-    if share < 1:
-        keep = torch.randperm(count, generator=generator)[: max(1, round(share * count))].sort().values
+    if loss_positions < 1:
+        keep = torch.randperm(count, generator=generator)[: max(1, round(loss_positions * count))].sort().values
         keep = keep.to(input_ids.device)
 
     def pick(rows: torch.Tensor) -> torch.Tensor:
@@ -157,7 +144,7 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
                 teacher.clear()
                 with torch.no_grad():
                     teacher[start] = head(teacher_hidden[start:stop]).float().log_softmax(-1)
-            return full_kl(teacher[start], logits, with_grad)
+            return full_kl(logits, teacher[start], with_grad)
     else:
         if objective == "ce":
             labels = pick(next_token_labels(input_ids))
@@ -170,4 +157,4 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
             return sparse_kl(logits, target.rows(start, stop), with_grad)
 
     hidden = [pick(exits[d].reshape(count, -1)) for d in depths]
-    return chunked_kl_sum(hidden, head, loss_of_chunk, chunk) / positions
+    return chunked_loss_sum(hidden, head, loss_of_chunk, chunk) / positions

@@ -123,18 +123,18 @@ def architecture(cfg: Config, gpu: bool) -> Architecture:
     from pipeline.backbone import backbone_on_meta, resolve_dtype
     from pipeline.decoder import Decoder
 
-    lm = backbone_on_meta(cfg.model)
-    decoder = Decoder(lm)
+    backbone = backbone_on_meta(cfg.model)
+    decoder = Decoder(backbone)
     config = decoder.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dtype = resolve_dtype(cfg.model, torch.device("cuda" if gpu else "cpu"))
     return Architecture(
-        name=f"{type(lm).__name__} ({cfg.model.backbone})",
+        name=f"{type(backbone).__name__} ({cfg.model.backbone})",
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
         hidden=config.hidden_size, attention_width=config.num_attention_heads * head_dim,
-        vocab=lm.lm_head.weight.shape[0], head_params=lm.lm_head.weight.numel(),
-        embedding_params=0 if lm.get_input_embeddings().weight is lm.lm_head.weight else lm.get_input_embeddings().weight.numel(),
-        total_params=sum(p.numel() for p in lm.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+        vocab=backbone.lm_head.weight.shape[0], head_params=backbone.lm_head.weight.numel(),
+        embedding_params=0 if backbone.get_input_embeddings().weight is backbone.lm_head.weight else backbone.get_input_embeddings().weight.numel(),
+        total_params=sum(p.numel() for p in backbone.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
 
 
 # ---------------------------------------------------------------- the plan
@@ -267,7 +267,7 @@ class PlanContext:
 
     @property
     def tokens(self) -> int:
-        return self.cfg.data.total_tokens + self.cfg.data.heldout_tokens
+        return self.cfg.data.train_token_count + self.cfg.data.heldout_tokens
 
 
 def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str = "the site config") -> Plan:
@@ -377,7 +377,7 @@ def search_plan(ctx: PlanContext) -> StagePlan:
 
 def train_plan(ctx: PlanContext) -> StagePlan:
     cfg, depths = ctx.cfg, planned_depths(ctx.cfg, ctx.arch)
-    trained = cfg.train.max_steps * cfg.train.tokens_per_step or cfg.train.epochs * cfg.data.total_tokens
+    trained = cfg.train.max_steps * cfg.train.tokens_per_step or cfg.train.epochs * cfg.data.train_token_count
     plan = training_plan(ctx, TRAIN_EXITS.name, exit_runs(ctx, depths), trained)
     plan.bytes_written = trained_params(ctx.arch, cfg.exits.kind, len(depths)) * STATE_BYTES * cfg.train.keep_checkpoints
     return plan
@@ -447,7 +447,7 @@ def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
         written = sum(p.bytes_written for p in plans)
         if written > parse_bytes(node.disk, "node.disk"):
             problems.append(f"{site}: node.disk: the run writes ~{size(written)}, more than the {node.disk} free; "
-                            "lower data.budget_tokens or teacher.k, or free space")
+                            "lower data.train_tokens or teacher.k, or free space")
     return problems
 
 
@@ -455,7 +455,7 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
     arch, lines = plan.arch, []
     lines.append(f"backbone: {arch.name}: {arch.layers} layers, hidden {arch.hidden}, vocabulary {arch.vocab:,}, "
                  f"{arch.total_params / 1e9:.2f}B parameters ({arch.dtype_bytes} bytes each)")
-    lines.append(f"data: {cfg.data.total_tokens:,} train + {cfg.data.heldout_tokens:,} held-out tokens, "
+    lines.append(f"data: {cfg.data.train_token_count:,} train + {cfg.data.heldout_tokens:,} held-out tokens, "
                  f"{len(planned_shards(cfg)):,} shards of {cfg.data.sequences_per_shard} x {cfg.data.seq_len}"
                  + (f" (read groups add up to {cfg.data.read_groups - 1} partial shards)" if cfg.data.read_groups > 1 else ""))
     lines.append("")

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import TeacherConfig
 from pipeline.decoder import Decoder
-from pipeline.losses import exact_kl, kl_to_target
+from pipeline.losses import full_kl, sparse_kl
 from pipeline.targets import SparseTarget, TargetFormat
 
 
@@ -39,13 +39,13 @@ class FidelityMeter:
 
     def update(self, fmt: TargetFormat, teacher_logprobs: torch.Tensor, target: SparseTarget,
                student_logits: torch.Tensor) -> None:
-        exact = exact_kl(teacher_logprobs, student_logits)
-        estimate = kl_to_target(student_logits, target)
+        exact = full_kl(student_logits, teacher_logprobs)[0]
+        estimate = sparse_kl(student_logits, target)[0]
         values = {"lens_kl_exact": exact.sum(), "lens_kl_estimate": estimate.sum(),
                   "lens_kl_sq_error": ((estimate - exact) ** 2).sum()}
         if target.rest is not None:
             values["tail_mass"] = target.rest.sum()
-            values["target_kl"] = exact_kl(teacher_logprobs, fmt.reconstruct(target)).sum()
+            values["target_kl"] = full_kl(fmt.reconstruct(target), teacher_logprobs)[0].sum()
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += len(exact)
@@ -62,9 +62,9 @@ class FidelityMeter:
 
 
 class Teacher:
-    def __init__(self, lm, fmt: TargetFormat, cfg: TeacherConfig):
-        self.decoder, self.fmt, self.cfg = Decoder(lm), fmt, cfg
-        self.device = next(lm.parameters()).device
+    def __init__(self, backbone, fmt: TargetFormat, cfg: TeacherConfig):
+        self.decoder, self.fmt, self.cfg = Decoder(backbone), fmt, cfg
+        self.device = next(backbone.parameters()).device
         # The probe student: the logit lens one layer below the top. On SmolLM2 its KL to the full
         # model is ~3 nats, the scale of a working exit (half-depth lenses are at ~17 nats).
         self.lens_depth = max(1, self.decoder.num_layers - 1)

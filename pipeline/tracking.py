@@ -200,16 +200,16 @@ def _start_run(cfg: Config, name: str, tags: dict[str, str]):
 
 @contextmanager
 def stage_run(cfg: Config, stage: str, config_hash: str, task: tuple[int, int] = (0, 1), enabled: bool = True,
-              variant: str = ""):
-    """A stage's MLflow run; `variant` names one of several runs a stage makes (train-exits' baselines)."""
+              label: str = ""):
+    """A stage's MLflow run; `label` names one of several runs a stage makes (train-exits' baselines)."""
     if not enabled:
         yield Tracker()
         return
     index, count = task
     name = stage if count == 1 else f"{stage}[{index}/{count}]"
-    if variant:
-        name += f" ({variant})"
-    tags = {**_lineage(cfg, stage, config_hash), "task": f"{index}/{count}", "variant": variant}
+    if label:
+        name += f" ({label})"
+    tags = {**_lineage(cfg, stage, config_hash), "task": f"{index}/{count}", "label": label}
     parent = os.environ.get(PIPELINE_RUN)
     if parent:
         tags.update({"pipeline_id": parent, PARENT_TAG: parent})

@@ -1,6 +1,6 @@
 """The exit training loop under DeepSpeed ZeRO, shared by train-exits and search-exits.
 
-One call of `train_one` trains one set of exits into a folder: checkpoints every
+One call of `train_exits` trains one set of exits into a folder: checkpoints every
 train.checkpoint_every steps (weights, optimizer, scheduler, RNG; the data position is the step),
 resumes from the last one, and at the end exports exits.safetensors + balcony_config.json.
 Only exit parameters reach the optimizer; the backbone is frozen and shared.
@@ -83,7 +83,7 @@ def lr_lambda(cfg: Config, total_steps: int):
     return factor
 
 
-def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int, world: int,
+def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: int, world: int,
               device: torch.device, stage: Stage = TRAIN_EXITS, search_steps: int = 0,
               initial: Path | None = None) -> None:
     """One set of exits into `out`. `search_steps`: the last that many steps of the epoch's order belong
@@ -92,7 +92,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
     import deepspeed
 
     accumulation = accumulation_steps(cfg, world)
-    dtype = next(lm.parameters()).dtype
+    dtype = next(backbone.parameters()).dtype
     if not uses_bf16(cfg, device) and dtype != torch.float32:  # fp32 exits would be copies of bf16 layers
         raise ConfigError(f"train.precision: {cfg.train.precision} trains in fp32 here, but the backbone is {dtype} "
                           f"(model.dtype {cfg.model.dtype}); set train.precision bf16 (DeepSpeed keeps fp32 master "
@@ -112,7 +112,7 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
         manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
                                                              "seq_len": cfg.data.seq_len})
         fmt = TargetFormat.from_description(manifest["target_format"])
-    model = BalconyModel(lm, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
+    model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
     header = {"stage": stage.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32"}
@@ -183,35 +183,35 @@ def train_one(cfg: Config, out: Path, name: str, lm, fingerprint: str, rank: int
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)"
               + (f" from step {first_step} of the epoch's {epoch_steps}" if first_step else ""))
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=stage.name, disable=rank != 0, dynamic_ncols=True)
-    with stage_run(cfg, stage.tag, header["config_hash"], enabled=rank == 0, variant=name) as tracker, bar:
+    with stage_run(cfg, stage.tag, header["config_hash"], enabled=rank == 0, label=name) as tracker, bar:
         while step < total_steps:
             started = time.perf_counter()
-            step_kl = torch.zeros(len(model.depths), device=device)
+            step_losses = torch.zeros(len(model.depths), device=device)
             for micro in range(accumulation):
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 # train.loss_positions: which positions, a function of where the run is (so a resume draws the same)
                 positions = torch.Generator().manual_seed(hash((cfg.train.seed, rank, step, micro)))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
-                    kls = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
+                    losses = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
                                       cfg.train.objective, cfg.train.loss_positions, positions)
-                engine.backward(kls.mean())
+                engine.backward(losses.mean())
                 # on every micro-step, as DeepSpeed wants: it steps the optimizer (and the scheduler)
                 # only at the gradient-accumulation boundary, and merely counts the others
                 engine.step()
-                step_kl += kls.detach() / accumulation
-            dist.all_reduce(step_kl)
-            step_kl /= world
+                step_losses += losses.detach() / accumulation
+            dist.all_reduce(step_losses)
+            step_losses /= world
             step += 1
             seconds = time.perf_counter() - started
             if rank == 0:
                 lr = scheduler.get_last_lr()[0]
                 # 9 significant digits: a float32 exactly, so that runs compare by value (resume, ZeRO stages)
-                per_exit = "  ".join(f"kl@{d} {v:.9g}" for d, v in zip(model.depths, step_kl.tolist()))
+                per_exit = "  ".join(f"kl@{d} {v:.9g}" for d, v in zip(model.depths, step_losses.tolist()))
                 bar.write(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s")
                 sys.stdout.flush()  # a log file (SLURM) sees each step as it ends
                 bar.update()
-                tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_kl.tolist())},
-                                 "kl_mean": float(step_kl.mean()), "lr": lr,
+                tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_losses.tolist())},
+                                 "kl_mean": float(step_losses.mean()), "lr": lr,
                                  "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
             if step in cfg.train.snapshots:
                 export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))

@@ -75,11 +75,11 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     cfg = resolve_depths(cfg)
     out, tokens_dir, exits_dir = STAGE.dir(cfg), TOKENIZE.dir(cfg), TRAIN_EXITS.dir(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm = load_backbone(cfg.model, device)
-    fingerprint = backbone_fingerprint(cfg.model, lm)
-    model = BalconyModel.from_pretrained(lm, exits_dir, fingerprint, cfg.exits.depths).to(device).eval()
+    backbone = load_backbone(cfg.model, device)
+    fingerprint = backbone_fingerprint(cfg.model, backbone)
+    model = BalconyModel.from_pretrained(backbone, exits_dir, fingerprint, cfg.exits.depths).to(device).eval()
     folders = [folder for _, _, folder in cfg.exit_runs()[1:]] + [Path(f) for f in cfg.eval.baselines]
-    baselines = [BalconyModel.from_pretrained(lm, folder, fingerprint).to(device).eval() for folder in folders]
+    baselines = [BalconyModel.from_pretrained(backbone, folder, fingerprint).to(device).eval() for folder in folders]
     for folder, baseline in zip(folders, baselines):
         try:
             baseline_kind(baseline)

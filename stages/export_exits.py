@@ -31,8 +31,8 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     if missing:
         raise ConfigError(f"export.depths: no exit at depth {missing[0]} in {exits_dir} (exits: {available})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # and its dtype: model.dtype auto
-    lm = load_backbone(cfg.model, device)
-    model = BalconyModel.from_pretrained(lm, exits_dir, backbone_fingerprint(cfg.model, lm)).to(device).eval()
+    backbone = load_backbone(cfg.model, device)
+    model = BalconyModel.from_pretrained(backbone, exits_dir, backbone_fingerprint(cfg.model, backbone)).to(device).eval()
     tokenizer, exits_sha256 = load_tokenizer(cfg.model), file_sha256(exits_dir / WEIGHTS)
     for depth in depths:
         scores = evaluation_scores(EVALUATE.dir(cfg) / "metrics.json", exits_sha256, depth)

@@ -33,7 +33,7 @@ from pipeline.shards import FORMAT_VERSION, atomic_write, claim_directory
 from pipeline.stage import run_stage
 from pipeline.timing import decode_latency
 from pipeline.tracking import stage_run
-from pipeline.training import train_one
+from pipeline.training import train_exits
 
 STAGE = SEARCH_EXITS
 
@@ -42,9 +42,9 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     if cfg.exits.depths != AUTO:
         raise ConfigError(f"exits.depths: {cfg.exits.depths} is given; search-exits chooses them when it is auto")
     rank, world, device = init_distributed()
-    lm = load_backbone(cfg.model, device)
-    fingerprint = backbone_fingerprint(cfg.model, lm)
-    depths = candidate_depths(cfg, Decoder(lm).num_layers)
+    backbone = load_backbone(cfg.model, device)
+    fingerprint = backbone_fingerprint(cfg.model, backbone)
+    depths = candidate_depths(cfg, Decoder(backbone).num_layers)
     out = STAGE.dir(cfg)
     header = {"stage": STAGE.tag, "candidates_hash": candidates_hash(cfg), "backbone_fingerprint": fingerprint,
               "candidates": depths}
@@ -52,10 +52,10 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     dist.barrier()
     if not (out / SCORES).exists():
         started = time.perf_counter()
-        train_one(candidates_config(cfg, depths), out / CANDIDATES, "candidates", lm, fingerprint, rank, world, device,
+        train_exits(candidates_config(cfg, depths), out / CANDIDATES, "candidates", backbone, fingerprint, rank, world, device,
                   stage=STAGE, search_steps=search_steps(cfg))
         if rank == 0:
-            scores = score_candidates(cfg, lm, fingerprint, device)
+            scores = score_candidates(cfg, backbone, fingerprint, device)
             scores.update(header, format_version=FORMAT_VERSION, seconds=time.perf_counter() - started)
             atomic_write(out / SCORES, json.dumps(scores, indent=1).encode())
     dist.barrier()
@@ -63,10 +63,10 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
         choose_depths(cfg, out, header)
 
 
-def score_candidates(cfg: Config, lm, fingerprint: str, device: torch.device) -> dict:
+def score_candidates(cfg: Config, backbone, fingerprint: str, device: torch.device) -> dict:
     """Every candidate's held-out KL to the full model, top-1 agreement and perplexity, beside the full
     model and the logit lens at the shallowest candidate depth, with relative costs (search.cost)."""
-    model = BalconyModel.from_pretrained(lm, STAGE.dir(cfg) / CANDIDATES, fingerprint).to(device).eval()
+    model = BalconyModel.from_pretrained(backbone, STAGE.dir(cfg) / CANDIDATES, fingerprint).to(device).eval()
     sequences = heldout_sequences(cfg, TOKENIZE.dir(cfg), max(1, cfg.search.heldout_tokens // cfg.data.seq_len))
     first = model.depths[0]
     variants = [v for v in variants_of(model, []) if v.kind != "logit_lens" or v.depth == first]
@@ -109,7 +109,7 @@ def choose_depths(cfg: Config, out: Path, header: dict) -> None:
     result = {"format_version": FORMAT_VERSION, **asked, "chosen": chosen, "pareto_front": pareto_front(points),
               "floor": {"name": lens["name"], "kl_to_full": lens["kl_to_full"]}, "budget_range": [start, 1.0],
               "mean_kl_over_budgets": served_kl(kept, start, lens["kl_to_full"])}
-    with stage_run(cfg, STAGE.tag, header["candidates_hash"], variant="choice") as tracker:
+    with stage_run(cfg, STAGE.tag, header["candidates_hash"], label="choice") as tracker:
         for point in points:  # one curve per metric against depth (the MLflow step)
             tracker.metrics({"candidate_kl": point["kl_to_full"], "candidate_top1": point["top1_agreement"],
                              "candidate_perplexity": point["perplexity"],

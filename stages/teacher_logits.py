@@ -29,20 +29,20 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     tokens = read_manifest(tokens_dir, TOKENIZE.tag, expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": cfg.data.seq_len})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm = load_backbone(cfg.model, device)
-    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    backbone = load_backbone(cfg.model, device)
+    fmt = TargetFormat(cfg.teacher, backbone.config.vocab_size)
     header = {
         "stage": STAGE.tag,
         "config_hash": cfg.hash("teacher"),
         "input_manifest_hash": manifest_hash(tokens_dir),
         "tokenizer_fingerprint": tokens["tokenizer_fingerprint"],
-        "backbone_fingerprint": backbone_fingerprint(cfg.model, lm),
+        "backbone_fingerprint": backbone_fingerprint(cfg.model, backbone),
         "dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch."),
         "seq_len": cfg.data.seq_len,
         "target_format": fmt.describe(),
     }
     records = {split: info["shards"] for split, info in tokens["splits"].items()}
-    teacher = Teacher(lm, fmt, cfg.teacher)
+    teacher = Teacher(backbone, fmt, cfg.teacher)
 
     def write(todo, tracker) -> int:
         total = sum(records[split][index]["tokens"] for split, index in todo)

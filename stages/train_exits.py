@@ -24,7 +24,7 @@ from pipeline.distributed import init_distributed
 from pipeline.registry import SEARCH_EXITS
 from pipeline.search import CANDIDATES, resolve_depths, search_steps
 from pipeline.stage import run_stage
-from pipeline.training import accumulation_steps, train_one
+from pipeline.training import accumulation_steps, train_exits
 
 
 def run(cfg: Config, task: tuple[int, int]) -> None:
@@ -34,13 +34,13 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     searched = cfg.exits.depths == AUTO
     cfg = resolve_depths(cfg)
     rank, world, device = init_distributed()
-    for _, variant, _ in cfg.exit_runs():
-        accumulation_steps(variant, world)  # a config error: before any work
-    lm = load_backbone(cfg.model, device)
-    fingerprint = backbone_fingerprint(cfg.model, lm)
-    for name, variant, out in cfg.exit_runs():
+    for _, recipe, _ in cfg.exit_runs():
+        accumulation_steps(recipe, world)  # a config error: before any work
+    backbone = load_backbone(cfg.model, device)
+    fingerprint = backbone_fingerprint(cfg.model, backbone)
+    for name, recipe, out in cfg.exit_runs():
         initial = SEARCH_EXITS.dir(cfg) / CANDIDATES if searched and name == "exits" else None
-        train_one(variant, out, name, lm, fingerprint, rank, world, device,
+        train_exits(recipe, out, name, backbone, fingerprint, rank, world, device,
                   search_steps=search_steps(cfg) if searched else 0, initial=initial)
 
 

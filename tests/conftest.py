@@ -45,7 +45,7 @@ def small_config(run_dir: Path, tracking_uri: str, **sections) -> dict:
     cfg = {
         "run": {"dir": str(run_dir), "experiment": "tests", "tracking_uri": tracking_uri},
         "model": {"backbone": str(BACKBONE)},
-        "data": {"source": "json", "files": [str(CORPUS / "*.jsonl")], "budget_tokens": 8192,
+        "data": {"source": "json", "files": [str(CORPUS / "*.jsonl")], "train_tokens": 8192,
                  "heldout_fraction": 0.05, "heldout_tokens": 1024, "seq_len": 128, "sequences_per_shard": 16},
         "exits": {"depths": [2, 3]},
     }
@@ -122,7 +122,7 @@ def ledger():
 TINY_PIPELINE = {
     "model": {"num_layers": 3},
     "exits": {"depths": [1, 2]},
-    "data": {"budget_tokens": 16384, "heldout_tokens": 1024, "sequences_per_shard": 4},  # 32 + 2 shards
+    "data": {"train_tokens": 16384, "heldout_tokens": 1024, "sequences_per_shard": 4},  # 32 + 2 shards
     "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
     "train": {"tokens_per_step": 512, "micro_batch_size": 2, "checkpoint_every": 1, "chunk_size": 256,
               "lr": 1e-3, "max_steps": 10},

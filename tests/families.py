@@ -36,8 +36,8 @@ def tiny(name: str):
     class_name, settings = FAMILIES[name]
     config = getattr(transformers, class_name)(**{**COMMON, **settings})
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return lm.requires_grad_(False)
+    backbone = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return backbone.requires_grad_(False)
 
 
 def perturb_exits(model, seed: int = 0) -> None:

@@ -28,9 +28,9 @@ def main(names: list[str]) -> dict:
     init_distributed()
     out = {}
     for name in names:
-        lm = tiny(name)
-        model = BalconyModel(lm, [1, 2])
-        batch = {"input_ids.npy": torch.randint(3, lm.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))}
+        backbone = tiny(name)
+        model = BalconyModel(backbone, [1, 2])
+        batch = {"input_ids.npy": torch.randint(3, backbone.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))}
         params = [p for p in model.exits.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params, config=DS_CONFIG)

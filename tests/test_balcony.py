@@ -82,12 +82,12 @@ def test_multimodal_checkpoint_loads_as_its_text_model_and_encoder_decoders_are_
                        "image_size": 28, "patch_size": 14},
         mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)).eval()
     gemma3.save_pretrained(tmp_path / "gemma3")
-    lm = load_backbone(ModelConfig(backbone=str(tmp_path / "gemma3")))
-    assert type(lm).__name__ == "Gemma3ForCausalLM"
+    backbone = load_backbone(ModelConfig(backbone=str(tmp_path / "gemma3")))
+    assert type(backbone).__name__ == "Gemma3ForCausalLM"
     ids = torch.randint(3, 290, (1, 12))
     with torch.no_grad():
-        _, final = BalconyModel(lm, [1])(ids, full=True)
-        assert torch.equal(BalconyModel(lm, [1]).logits(final), gemma3(input_ids=ids).logits)
+        _, final = BalconyModel(backbone, [1])(ids, full=True)
+        assert torch.equal(BalconyModel(backbone, [1]).logits(final), gemma3(input_ids=ids).logits)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     with pytest.raises(InputError, match="model.backbone: T5ForConditionalGeneration is an encoder-decoder model"):
         check_supported(t5)

@@ -19,15 +19,15 @@ BAD = [
     ("train", "precision", "fp8", "train.precision: expected one of 'auto', 'fp32', 'bf16'"),
     ("train", "warmup_fraction", 1.0, "train.warmup_fraction: must be < 1"),
     ("train", "learning_rate", 1e-4, "train.learning_rate: unknown key"),
-    ("data", "budget_tokens", -5, "data.budget_tokens: must be >= 0"),
-    ("data", "budget_tokens", "lots", "data.budget_tokens: expected an int, got 'lots'"),
+    ("data", "train_tokens", -5, "data.train_tokens: must be >= 0"),
+    ("data", "train_tokens", "lots", "data.train_tokens: expected an int, got 'lots'"),
     ("data", "seq_len", 4, "data.seq_len: must be >= 8"),
     ("data", "files", "corpus.txt", "data.files: expected a list of strings"),
     ("data", "source", "csv", "data.source: expected one of"),
     ("data", "heldout_fraction", 0.0, "data.heldout_fraction: must be > 0"),
-    ("data", "budget_fraction", 0.5, "data.budget_tokens: give exactly one of"),
+    ("data", "train_fraction", 0.5, "data.train_tokens: give exactly one of"),
     ("data", "chat_template", True, "data.prompt_field: required when data.chat_template is true"),
-    ("data", "budget_tokens", 64, "data.budget_tokens: the budget (64) is below one sequence (128)"),
+    ("data", "train_tokens", 64, "data.train_tokens: 64 tokens are below one sequence (128)"),
     ("exits", "depths", [0, 3], "exits.depths: every depth must be >= 1"),
     ("exits", "depths", [3, 3], "exits.depths: duplicate depths"),
     ("exits", "depths", ["three"], "exits.depths[0]: expected an int, got 'three'"),
@@ -68,12 +68,12 @@ def test_structural_errors(tmp_path):
     with pytest.raises(ConfigError, match="^train: expected a mapping"):
         load_config(path)
     path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"files": ["x"]}}))
-    with pytest.raises(ConfigError, match="data.budget_tokens: give exactly one"):
+    with pytest.raises(ConfigError, match="data.train_tokens: give exactly one"):
         load_config(path)
-    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"source": "hub", "budget_tokens": 1000}}))
+    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"source": "hub", "train_tokens": 1000}}))
     with pytest.raises(ConfigError, match="data.hub_name: required"):
         load_config(path)
-    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"files": ["x"], "budget_fraction": 0.1}}))
+    path.write_text(yaml.safe_dump({"model": {"backbone": "m"}, "data": {"files": ["x"], "train_fraction": 0.1}}))
     with pytest.raises(ConfigError, match="data.reference_tokens: required"):
         load_config(path)
 
@@ -83,9 +83,9 @@ def test_overrides_and_yaml_numbers(tmp_path):
     cfg = small_config(tmp_path / "run", "")
     cfg["train"] = {"lr": "5e-4", "tokens_per_step": "1_048_576"}  # PyYAML reads both as strings
     path.write_text(yaml.safe_dump(cfg))
-    loaded = load_config(path, ["train.lr=1e-4", "run.dir=/tmp/x", "exits.depths=[1, 4]", "data.budget_tokens=1e4"])
+    loaded = load_config(path, ["train.lr=1e-4", "run.dir=/tmp/x", "exits.depths=[1, 4]", "data.train_tokens=1e4"])
     assert loaded.train.lr == 1e-4 and loaded.train.tokens_per_step == 1_048_576
-    assert loaded.run.dir == "/tmp/x" and loaded.exits.depths == [1, 4] and loaded.data.budget_tokens == 10_000
+    assert loaded.run.dir == "/tmp/x" and loaded.exits.depths == [1, 4] and loaded.data.train_tokens == 10_000
     with pytest.raises(ConfigError, match="^train.lrr: unknown key"):
         load_config(path, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
@@ -94,12 +94,12 @@ def test_overrides_and_yaml_numbers(tmp_path):
         load_config(path, ["train.lr=abc"])
 
 
-def test_budget_fraction_of_reference(tmp_path):
+def test_train_fraction_of_reference(tmp_path):
     path = tmp_path / "c.yaml"
-    cfg = small_config(tmp_path / "run", "", data={"budget_tokens": 0, "budget_fraction": 0.002,
+    cfg = small_config(tmp_path / "run", "", data={"train_tokens": 0, "train_fraction": 0.002,
                                                     "reference_tokens": 15_000_000})
     path.write_text(yaml.safe_dump(cfg))
-    assert load_config(path).data.total_tokens == 30_000
+    assert load_config(path).data.train_token_count == 30_000
 
 
 def test_hash_is_stable_and_sensitive(tmp_path):
@@ -122,7 +122,7 @@ def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     if name == "llama3-8b.yaml":
         assert cfg.exits.depths == [15, 18, 21] and cfg.data.seq_len == 4096 and cfg.train.zero_stage == 2
-        assert cfg.data.total_tokens == 31_500_000_000 and cfg.train.tokens_per_step == 1_048_576
+        assert cfg.data.train_token_count == 31_500_000_000 and cfg.train.tokens_per_step == 1_048_576
 
 
 def test_make_targets_and_scripts_follow_the_stage_registry():

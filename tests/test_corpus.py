@@ -8,13 +8,13 @@ from pipeline.errors import InputError
 
 
 def _data(**kw):
-    base = dict(files=["x"], budget_tokens=1000, heldout_tokens=100, seq_len=10, sequences_per_shard=30,
+    base = dict(files=["x"], train_tokens=1000, heldout_tokens=100, seq_len=10, sequences_per_shard=30,
                 heldout_fraction=0.2, shuffle_buffer=0)
     return DataConfig(**{**base, **kw})
 
 
 def test_plan_meets_budget_within_one_sequence():
-    specs = plan_shards(_data(budget_tokens=1004))
+    specs = plan_shards(_data(train_tokens=1004))
     train = [s for s in specs if s.split == "train"]
     assert [s.sequences for s in train] == [30, 30, 30, 10]
     assert abs(sum(s.sequences for s in train) * 10 - 1004) < 10
@@ -65,7 +65,7 @@ def test_routing_balances_characters_per_sequence():
 
 
 def test_shards_are_their_documents_joined_by_eos():
-    data = _data(heldout_fraction=1e-9, budget_tokens=60, seq_len=10, sequences_per_shard=2)
+    data = _data(heldout_fraction=1e-9, train_tokens=60, seq_len=10, sequences_per_shard=2)
     specs = plan_shards(data)
     train = [s for s in specs if s.split == "train"]
     out = _pack(data, train)
@@ -77,14 +77,14 @@ def test_shards_are_their_documents_joined_by_eos():
 
 
 def test_corpus_too_small_is_a_clear_error():
-    with pytest.raises(InputError, match="data.budget_tokens: the corpus ran out"):
-        _pack(_data(budget_tokens=100_000))
+    with pytest.raises(InputError, match="data.train_tokens: the corpus ran out"):
+        _pack(_data(train_tokens=100_000))
 
 
 def test_files_with_the_same_name_in_two_folders_are_both_fingerprinted(tmp_path):
     for folder, text in (("a", "one"), ("b", "two")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "train.jsonl").write_text(f'{{"text": "{text}"}}\n')
-    fingerprint = source_fingerprint(DataConfig(files=[str(tmp_path / "*" / "train.jsonl")], budget_tokens=64, seq_len=8))
+    fingerprint = source_fingerprint(DataConfig(files=[str(tmp_path / "*" / "train.jsonl")], train_tokens=64, seq_len=8))
     assert sorted(fingerprint) == ["a/train.jsonl", "b/train.jsonl"]
     assert fingerprint["a/train.jsonl"] != fingerprint["b/train.jsonl"]

@@ -18,19 +18,19 @@ def _tiny():
 
 
 def test_metrics_equal_a_hand_computation():
-    lm = _tiny()
-    model = BalconyModel(lm, [1, 2])
+    backbone = _tiny()
+    model = BalconyModel(backbone, [1, 2])
     ids = torch.randint(0, 50, (3, 10))
     variants = variants_of(model, [])
     score_batch(model, [], variants, ids[:2], chunk=7)  # two batches, odd chunks: sums must add up
     score_batch(model, [], variants, ids[2:], chunk=7)
     got = {v.name: v.metrics() for v in variants}
     with torch.no_grad():
-        out = lm(ids, output_hidden_states=True)
+        out = backbone(ids, output_hidden_states=True)
         p = out.logits.log_softmax(-1)
-        lens1 = lm.lm_head(lm.model.norm(out.hidden_states[1])).log_softmax(-1)
+        lens1 = backbone.lm_head(backbone.model.norm(out.hidden_states[1])).log_softmax(-1)
         exits, _ = model(ids)
-        exit2 = lm.lm_head(exits[2]).log_softmax(-1)
+        exit2 = backbone.lm_head(exits[2]).log_softmax(-1)
     for name, q in (("lens@1", lens1), ("exit@2", exit2), ("full", p)):
         kl = (p.exp() * (p - q)).sum(-1).mean()
         nll = -q[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).mean()

@@ -24,8 +24,8 @@ DEPTHS = [1, 2]
 TOLERANCE = {}
 
 
-def _ids(lm, length: int = 20, batch: int = 2) -> torch.Tensor:
-    return torch.randint(3, lm.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+def _ids(backbone, length: int = 20, batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, backbone.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
@@ -45,25 +45,25 @@ def family(request):
 
 
 def test_full_path_equals_the_models_own_forward(family):
-    name, lm = family
-    model = BalconyModel(lm, DEPTHS)
-    ids = _ids(lm)
+    name, backbone = family
+    model = BalconyModel(backbone, DEPTHS)
+    ids = _ids(backbone)
     with torch.no_grad():
         _, final = model(ids, full=True)
-        assert _close(model.logits(final), lm(ids).logits, name), name
+        assert _close(model.logits(final), backbone(ids).logits, name), name
 
 
 def test_next_layer_exit_starts_as_the_models_own_layer(family):
     """Untrained, a next_layer exit at k is layers[k] + the final norm: the model's own logit lens at
     k+1 (HF's hidden states), so the exit layer gets the mask and RoPE of layers[k]'s type."""
-    name, lm = family
-    model = BalconyModel(lm, DEPTHS, init="next_layer")
-    ids = _ids(lm)
+    name, backbone = family
+    model = BalconyModel(backbone, DEPTHS, init="next_layer")
+    ids = _ids(backbone)
     with torch.no_grad():
         exits, _ = model(ids)
-        hidden = lm(ids, output_hidden_states=True).hidden_states  # [embeddings, after layer 1, ...]
+        hidden = backbone(ids, output_hidden_states=True).hidden_states  # [embeddings, after layer 1, ...]
         for depth in DEPTHS:
-            lens = model.logits(lm.model.norm(hidden[depth + 1]))
+            lens = model.logits(backbone.model.norm(hidden[depth + 1]))
             assert _close(model.logits(exits[depth]), lens, name), (name, depth)
 
 
@@ -77,19 +77,19 @@ def test_exit_view_its_export_and_cached_generate_equal_the_exits_forward(family
 
     from pipeline.export import export_exit
 
-    name, lm = family
-    model = BalconyModel(lm, DEPTHS, init=init)
+    name, backbone = family
+    model = BalconyModel(backbone, DEPTHS, init=init)
     perturb_exits(model)
-    ids = _ids(lm)
+    ids = _ids(backbone)
     with torch.no_grad():
         exits, _ = model(ids)
         for depth in DEPTHS:
             assert _close(model.view(depth)(ids).logits, model.logits(exits[depth]), name), (name, init, depth)
             folder = export_exit(model, depth, tmp_path / f"exit-{depth}", _NoTokenizer(), name)
             loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-            assert type(loaded) is type(lm) and loaded.config.num_hidden_layers == depth + 1
+            assert type(loaded) is type(backbone) and loaded.config.num_hidden_layers == depth + 1
             assert _close(loaded(ids).logits, model.logits(exits[depth]), name), (name, init, depth, "export")
-    prompt, steps = _ids(lm, 6, 1), 10  # 6 + 10 tokens: past the 8-token sliding windows
+    prompt, steps = _ids(backbone, 6, 1), 10  # 6 + 10 tokens: past the 8-token sliding windows
     for depth in DEPTHS:
         cached = model.generate(prompt, exit=depth, max_new_tokens=steps, do_sample=False, eos_token_id=None)
         by_hand = prompt
@@ -101,10 +101,10 @@ def test_exit_view_its_export_and_cached_generate_equal_the_exits_forward(family
 
 
 def test_self_speculative_decoding_equals_greedy_full_decoding(family):
-    name, lm = family
-    model = BalconyModel(lm, DEPTHS)
+    name, backbone = family
+    model = BalconyModel(backbone, DEPTHS)
     perturb_exits(model)
-    prompt, steps = _ids(lm, 6, 1), 12
+    prompt, steps = _ids(backbone, 6, 1), 12
     greedy = prompt
     with torch.no_grad():
         for _ in range(steps):
@@ -118,13 +118,13 @@ def test_self_speculative_decoding_equals_greedy_full_decoding(family):
 
 def test_teacher_targets_equal_those_of_the_models_own_logits(family):
     """Softcapped (Gemma) and scaled (Granite) logits included: the targets are of what the model outputs."""
-    name, lm = family
+    name, backbone = family
     cfg = TeacherConfig(k=16, fidelity_positions=0, chunk_size=16)
-    fmt = TargetFormat(cfg, lm.config.vocab_size)
-    ids = _ids(lm)
-    ours = Teacher(lm, fmt, cfg).targets(ids.numpy(), ["a", "b"])
+    fmt = TargetFormat(cfg, backbone.config.vocab_size)
+    ids = _ids(backbone)
+    ours = Teacher(backbone, fmt, cfg).targets(ids.numpy(), ["a", "b"])
     with torch.no_grad():
-        logits = lm(ids).logits.flatten(0, 1).float()
+        logits = backbone(ids).logits.flatten(0, 1).float()
     reference = fmt.encode(*fmt.select(logits, None))
     for b, sample in enumerate(ours):
         for key, array in reference.items():

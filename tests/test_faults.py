@@ -63,7 +63,7 @@ def kill_repeatedly(command: list[str], progress, total: int, seed: int, jitter_
 def test_kills_in_sharded_stages(finished_run, tmp_path, tracking_uri, ledger, stage, seed):
     run_dir, _, _ = finished_run
     if stage == "tokenize":  # ~300 small shards: enough work for the kills to land mid-stage
-        many = {"data": {"budget_tokens": 300_000, "seq_len": 64, "sequences_per_shard": 16}}
+        many = {"data": {"train_tokens": 300_000, "seq_len": 64, "sequences_per_shard": 16}}
         run_command(stage_command("tokenize", tiny_config(tmp_path, tracking_uri, "whole", **many)))
         finished = tree_bytes(tmp_path / "whole" / "tokens")
         config = tiny_config(tmp_path, tracking_uri, "killed", **many)

@@ -82,8 +82,8 @@ def test_assisted_generation_counts_every_draft_accepted_when_the_draft_is_the_f
     exit it is below 1 (and the output still equals greedy decoding: tests/test_export.py)."""
     from pipeline.timing import assisted_speedup, greedy_seconds
 
-    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
-    model = BalconyModel(lm, [5], init="next_layer")
+    backbone = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=6))
+    model = BalconyModel(backbone, [5], init="next_layer")
     full = greedy_seconds(model, prompt, new_tokens=20, repeats=1)
     stats = assisted_speedup(model, 5, prompt, new_tokens=20, draft_tokens=4, repeats=1, full_seconds=full)
     assert stats["acceptance_rate"] == 1.0 and stats["speedup"] > 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.config import TeacherConfig
-from pipeline.losses import chunked_kl_sum, exit_losses, full_kl, next_token_labels, one_hot_target, sparse_kl
+from pipeline.losses import chunked_loss_sum, exit_losses, full_kl, next_token_labels, one_hot_target, sparse_kl
 from pipeline.targets import TargetFormat
 
 VOCAB = 300
@@ -47,7 +47,7 @@ def test_full_kl_and_cross_entropy_gradients_equal_autograd():
     logits = torch.randn(40, VOCAB, requires_grad=True)
     reference = (teacher.exp() * (teacher - logits.log_softmax(-1))).sum(-1)
     (reference_grad,) = torch.autograd.grad(reference.sum(), logits)
-    kl, grad = full_kl(teacher, logits.detach(), with_grad=True)
+    kl, grad = full_kl(logits.detach(), teacher, with_grad=True)
     assert torch.allclose(kl, reference, atol=1e-5) and torch.allclose(grad, reference_grad, atol=1e-6)
 
     labels = torch.randint(0, VOCAB, (40,))
@@ -66,7 +66,7 @@ def test_chunked_sum_matches_unchunked_value_and_gradient(autocast):
     target = _target("topk", _teacher())
     hidden = [torch.randn(40, 16, requires_grad=True) for _ in range(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        chunked = chunked_kl_sum(hidden, head, lambda logits, a, b, g: sparse_kl(logits, target.rows(a, b), g), chunk=7)
+        chunked = chunked_loss_sum(hidden, head, lambda logits, a, b, g: sparse_kl(logits, target.rows(a, b), g), chunk=7)
     weights = torch.tensor([0.5, 2.0])  # each sum's gradient scales with its own weight
     grad_chunked = torch.autograd.grad((chunked * weights).sum(), hidden)
     whole = torch.stack([_textbook_sparse_kl(head(h), target).sum() for h in hidden])
@@ -86,7 +86,7 @@ def test_a_share_of_positions_is_the_loss_on_those_positions():
     input_ids = torch.randint(0, VOCAB, (2, 20))
     hidden = {1: torch.randn(2, 20, 16, requires_grad=True), 2: torch.randn(2, 20, 16, requires_grad=True)}
     forward = lambda ids, full: (hidden, None)  # noqa: E731 - what a BalconyModel returns
-    losses = exit_losses(forward, head, [1, 2], {"input_ids.npy": input_ids}, None, 8, "ce", share=0.25,
+    losses = exit_losses(forward, head, [1, 2], {"input_ids.npy": input_ids}, None, 8, "ce", loss_positions=0.25,
                          generator=torch.Generator().manual_seed(7))
     keep = torch.randperm(40, generator=torch.Generator().manual_seed(7))[:10].sort().values
     labels = next_token_labels(input_ids)[keep]

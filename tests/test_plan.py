@@ -102,7 +102,7 @@ def test_memory_and_disk_refusals():
     assert any("largest part is backbone" in p and "set train.zero_stage 3 (it shards the backbone over the ranks)" in p for p in plan.problems)
     small_disk = site()
     small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
-    assert any(p.endswith("lower data.budget_tokens or teacher.k, or free space") for p in
+    assert any(p.endswith("lower data.train_tokens or teacher.k, or free space") for p in
                make_plan(paper(), small_disk, chain(paper())).problems)
 
 

@@ -18,8 +18,8 @@ from pipeline.search import (candidate_depths, choose_budgets, choose_count, lat
 from conftest import ROOT, losses_by_step, run_command, stage_command, tiny_config
 
 
-def table(costs, kls):
-    return [{"depth": i + 1, "relative_cost": c, "kl_to_full": k} for i, (c, k) in enumerate(zip(costs, kls))]
+def table(costs, losses):
+    return [{"depth": i + 1, "relative_cost": c, "kl_to_full": k} for i, (c, k) in enumerate(zip(costs, losses))]
 
 
 def test_choose_count_is_the_best_subset():
@@ -28,8 +28,8 @@ def test_choose_count_is_the_best_subset():
     for _ in range(40):
         n = rng.randint(2, 8)
         costs = sorted(rng.uniform(0.2, 0.95) for _ in range(n))
-        kls = [rng.uniform(0.1, 4.0) for _ in range(n)]
-        points, floor = table(costs, kls), rng.uniform(3.0, 6.0)
+        losses = [rng.uniform(0.1, 4.0) for _ in range(n)]
+        points, floor = table(costs, losses), rng.uniform(3.0, 6.0)
         for count in range(1, n + 1):
             chosen = choose_count(points, count, floor)
             assert len(chosen) == count and chosen == sorted(chosen)
@@ -88,7 +88,7 @@ def test_candidates_and_settings(tmp_path):
 # ---------------------------------------------------------------- the stage, on the real backbone
 
 SEARCH = {"model": {"num_layers": 6},
-          "data": {"budget_tokens": 8192},  # 64 sequences: 16 steps of 512 tokens, 4 of them the search's
+          "data": {"train_tokens": 8192},  # 64 sequences: 16 steps of 512 tokens, 4 of them the search's
           "exits": {"depths": "auto", "count": 2},
           "search": {"first": 0.25, "last": 0.9, "stride": 1, "tokens": 2048, "heldout_tokens": 512, "cost": "layers"},
           "train": {"max_steps": 0},  # one pass over what the search leaves

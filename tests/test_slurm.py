@@ -159,7 +159,7 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     site.update(array_tasks=1, requeue_grace_s=90, teacher={"mem": "2G", "time": "2"})
     limited = tmp_path / "limited.yaml"
     limited.write_text(yaml.safe_dump(site))
-    data = {"budget_tokens": 49152}  # ~60 s of teacher work here (800 tokens/s), 25 shards
+    data = {"train_tokens": 49152}  # ~60 s of teacher work here (800 tokens/s), 25 shards
     config = _config(tmp_path, tracking_uri, "requeue", data=data, teacher={"k": 8})
     launch(config, "--stages", "tokenize")
     launch(config, "--stages", "teacher-logits,train-exits", "--cluster", str(limited))

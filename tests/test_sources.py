@@ -15,7 +15,7 @@ from conftest import BACKBONE
 
 
 def _data(files, **kw):
-    return DataConfig(**{"files": [str(f) for f in files], "budget_tokens": 1000, "shuffle_buffer": 0, **kw})
+    return DataConfig(**{"files": [str(f) for f in files], "train_tokens": 1000, "shuffle_buffer": 0, **kw})
 
 
 def test_plain_text_one_document_per_file(tmp_path):

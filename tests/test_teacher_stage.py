@@ -40,8 +40,8 @@ def test_targets_align_with_tokens_and_match_the_model(reference):
     tokens = read_manifest(run / "tokens", "tokenize")
     teacher = read_manifest(run / "teacher", "teacher", expect={"seq_len": 128})
     assert teacher["input_manifest_hash"] and teacher["target_format"]["format"] == "topk"
-    lm = load_backbone(cfg.model)
-    fmt = TargetFormat(cfg.teacher, lm.config.vocab_size)
+    backbone = load_backbone(cfg.model)
+    fmt = TargetFormat(cfg.teacher, backbone.config.vocab_size)
     for split in ("train", "heldout"):
         for tok_rec, tea_rec in zip(tokens["splits"][split]["shards"], teacher["splits"][split]["shards"]):
             assert tok_rec["file"] == tea_rec["file"] and tok_rec["samples"] == tea_rec["samples"]
@@ -53,7 +53,7 @@ def test_targets_align_with_tokens_and_match_the_model(reference):
     # the stored targets decode to the top-k of the model's own full logits
     sample = tea_samples[0]
     with torch.no_grad():
-        logprobs = lm(torch.as_tensor(sample["input_ids.npy"]).long()[None]).logits[0].log_softmax(-1)
+        logprobs = backbone(torch.as_tensor(sample["input_ids.npy"]).long()[None]).logits[0].log_softmax(-1)
     target = fmt.decode({k: torch.as_tensor(sample[k]) for k in (fmt.ids_key, fmt.logprobs_key)})
     values, ids = logprobs.topk(cfg.teacher.k, dim=-1)
     agree = (target.ids == ids).float().mean()
@@ -124,14 +124,14 @@ def test_sampled_format_end_to_end(tmp_path, tracking_uri, assets):
 
 
 def test_chunks_bound_the_logits_and_do_not_change_targets(assets):
-    lm = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=2))
+    backbone = load_backbone(ModelConfig(backbone=str(BACKBONE), num_layers=2))
     seen = []
-    lm.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    backbone.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     ids = torch.randint(0, 49152, (3, 64)).numpy()
     outputs = []
     for chunk in (50, 10_000):
         cfg = TeacherConfig(chunk_size=chunk, fidelity_positions=0)
-        outputs.append(Teacher(lm, TargetFormat(cfg, 49152), cfg).targets(ids, ["a", "b", "c"]))
+        outputs.append(Teacher(backbone, TargetFormat(cfg, 49152), cfg).targets(ids, ["a", "b", "c"]))
     assert max(seen[: len(seen) - 1]) <= 50 and seen[-1] == 192
     for a, b in zip(*outputs):
         assert np.array_equal(a["topk_ids.npy"], b["topk_ids.npy"])

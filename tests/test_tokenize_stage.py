@@ -35,7 +35,7 @@ def test_budget_manifest_and_noop_rerun(reference):
     cfg = load_config(config)
     manifest = read_manifest(tokens, "tokenize", expect={"seq_len": 128})
     train = manifest["splits"]["train"]
-    assert abs(train["tokens"] - cfg.data.total_tokens) < cfg.data.seq_len
+    assert abs(train["tokens"] - cfg.data.train_token_count) < cfg.data.seq_len
     assert manifest["splits"]["heldout"]["tokens"] == 1024 and len(train["shards"]) == 4
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(load_tokenizer(cfg.model))
     assert manifest["config_hash"] == cfg.hash("data")
@@ -134,9 +134,9 @@ def test_a_budget_the_files_cannot_fill_is_refused_before_any_work(write_config,
     small.write_text("".join(json.dumps({"text": f"Document {i}: " + "a few plain words. " * 20}) + "\n"
                              for i in range(20)))
     config = write_config("small.yaml", run_dir=tmp_path / "run", data={"files": [str(small)]})
-    refused_before_work(config, tmp_path / "run", r"error: data.budget_tokens: the files hold about [\d,]+ tokens "
+    refused_before_work(config, tmp_path / "run", r"error: data.train_tokens: the files hold about [\d,]+ tokens "
                         r"\([\d,]+ characters in 20 documents at [\d.]+ characters per token, measured on 16 of them\), "
-                        r"fewer than the 9,216 that data.budget_tokens and data.heldout_tokens ask for")
+                        r"fewer than the 9,216 that data.train_tokens and data.heldout_tokens ask for")
 
 
 def refused_before_work(config, run_dir, error: str) -> None:
@@ -187,11 +187,11 @@ def test_a_hub_dataset_is_checked_against_its_metadata(write_config, tmp_path):
     tokens per document of its first ones: over it, one line and no run directory; within it, shards."""
     dataset = _dataset_folder(tmp_path / "dataset", documents=200)  # ~200 x 220 tokens
     hub = {"source": "hub", "hub_name": str(dataset), "files": []}
-    config = write_config("hub.yaml", run_dir=tmp_path / "run", data={**hub, "budget_tokens": 200_000})
-    refused_before_work(config, tmp_path / "run", rf"error: data.budget_tokens: {re.escape(str(dataset))} \(train\) "
+    config = write_config("hub.yaml", run_dir=tmp_path / "run", data={**hub, "train_tokens": 200_000})
+    refused_before_work(config, tmp_path / "run", rf"error: data.train_tokens: {re.escape(str(dataset))} \(train\) "
                         r"holds about [\d,]+ tokens \(200 documents by its metadata at [\d,]+ tokens each, measured on "
-                        r"the first 200\), fewer than the 201,024 that data.budget_tokens and data.heldout_tokens ask for")
-    run_stage(STAGE, "--config", config, "data.budget_tokens=8192")
+                        r"the first 200\), fewer than the 201,024 that data.train_tokens and data.heldout_tokens ask for")
+    run_stage(STAGE, "--config", config, "data.train_tokens=8192")
     assert json.loads((tmp_path / "run" / "tokens" / MANIFEST).read_text())["splits"]["train"]["tokens"] == 8192
 
 
@@ -208,7 +208,7 @@ def grouped(tmp_path_factory, tracking_uri, assets):
     folder = tmp_path_factory.mktemp("grouped")
     for path in CORPUS.glob("*.jsonl"):
         shutil.copy(path, folder / path.name)
-    data = {"files": [str(folder / "*.jsonl")], "read_groups": 3, "budget_tokens": 16384}
+    data = {"files": [str(folder / "*.jsonl")], "read_groups": 3, "train_tokens": 16384}
     config = folder / "one.yaml"
     config.write_text(yaml.safe_dump(small_config(folder / "one", tracking_uri, data=data)))
     run_stage(STAGE, "--config", config)

@@ -72,10 +72,10 @@ def test_zero2_two_processes_kl_falls_and_exports(prepared, zero2):
     port = zero2.args[zero2.args.index("--master_port") + 1]  # DeepSpeed would leave 66 MB per rank here
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     cfg = load_config(config)
-    lm = load_backbone(cfg.model)
-    model = BalconyModel.from_pretrained(lm, folder / "run" / "exits", backbone_fingerprint(cfg.model, lm))
+    backbone = load_backbone(cfg.model)
+    model = BalconyModel.from_pretrained(backbone, folder / "run" / "exits", backbone_fingerprint(cfg.model, backbone))
     assert model.depths == [1, 2]
-    assert not torch.equal(model.exits["1"].layer.mlp.up_proj.weight, lm.model.layers[-1].mlp.up_proj.weight)
+    assert not torch.equal(model.exits["1"].layer.mlp.up_proj.weight, backbone.model.layers[-1].mlp.up_proj.weight)
     assert "nothing to do" in deepspeed(config).stdout
 
 
