@@ -28,12 +28,17 @@ import heapq
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
+from pipeline.backbone import tokenizer_fingerprint
+from pipeline.config import Config, DataConfig
 from pipeline.errors import InputError
-from pipeline.sources import Group, Scan, hub_documents, sample_documents, source_groups
+from pipeline.registry import TOKENIZE
+from pipeline.shards import PARTS, TOKENS_KEY
+from pipeline.sources import (Group, Scan, hub_documents, sample_documents, scan_sources, source_fingerprint,
+                              source_groups)
 
 SPLITS = ("train", "heldout")
 
@@ -226,3 +231,42 @@ def pack_shards(
             f"got {short.filled} of {short.capacity} tokens; lower data.train_tokens / data.heldout_tokens "
             f"or add documents"
         )
+
+
+# ---------------------------------------------------------------- the tokenize stage
+
+
+def tokens_header(cfg: Config, tokenizer) -> dict:
+    """What the token shards are a function of; pinned in .parts/header.json and the manifest."""
+    return {
+        "stage": TOKENIZE.tag,
+        "config_hash": cfg.hash("data"),
+        "input_fingerprint": source_fingerprint(cfg.data),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "seq_len": cfg.data.seq_len,
+    }
+
+
+def scan_group(cfg: Config, group: Group, specs: list[ShardSpec], encode, tokenizer) -> Scan:
+    """Read every record of a read group before anything is written: a bad one is refused (or counted),
+    and a budget share its files cannot fill is refused."""
+    scan = scan_sources(cfg.data, group=group)
+    if cfg.data.read_groups == 1 or cfg.data.source == "hub":  # a hub card counts the whole split only
+        check_budget(cfg.data, scan, encode, tokenizer)
+    else:
+        needed = sum(s.sequences for s in specs if s.group == group.index) * cfg.data.seq_len
+        names = ", ".join(Path(f).name for f in group.files)
+        check_budget(cfg.data, scan, encode, tokenizer, needed, f"read group {group.index} ({names})")
+    return scan
+
+
+def scan_record(out: Path, group: int) -> Path:
+    return out / PARTS / f"scan-group-{group:04d}.json"
+
+
+def shard_samples(split: str, index: int, sequences: np.ndarray):
+    """A token shard's samples: one per packed sequence, keyed split-shard-row."""
+    for row, ids in enumerate(sequences):
+        yield {"__key__": f"{split}-{index:06d}-{row:06d}", TOKENS_KEY: ids}

@@ -15,7 +15,9 @@ vocabulary, and top-1 agreement with the full model; all computed chunk by chunk
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +25,13 @@ from tqdm import tqdm
 
 from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
 from pipeline.balcony import BalconyModel
-from pipeline.config import Config, EvalConfig
+from pipeline.config import Config, DataConfig, EvalConfig
+from pipeline.corpus import ShardPacker, ShardSpec, document_encoder
+from pipeline.errors import ConfigError, InputError
 from pipeline.losses import next_token_labels
 from pipeline.registry import TOKENIZE
-from pipeline.shards import TOKENS_KEY, read_manifest, read_shard
+from pipeline.shards import MANIFEST, TOKENS_KEY, read_manifest, read_shard
+from pipeline.sources import stream_documents
 
 
 def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
@@ -35,6 +40,45 @@ def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
         "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
     rows = [s[TOKENS_KEY] for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(tokens_dir, record)]
     return torch.as_tensor(np.stack(rows[: limit or None])).long()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()[:16]
+
+
+SOURCES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def file_sequences(cfg: Config, pattern: str) -> torch.Tensor:
+    """Documents of text files (each + EOS, in file order) packed into eval.data_tokens worth of sequences."""
+    source = SOURCES.get(Path(pattern).suffix)
+    if source is None:
+        raise ConfigError(f"eval.data: {pattern!r} is neither a tokenize output folder nor a file of "
+                          f"{', '.join(SOURCES)}")
+    data = DataConfig(source=source, files=[pattern], text_field=cfg.data.text_field, shuffle_buffer=0,
+                      seq_len=cfg.data.seq_len)
+    packer = ShardPacker(ShardSpec("heldout", 0, max(1, cfg.eval.data_tokens // cfg.data.seq_len)), cfg.data.seq_len)
+    encode = document_encoder(load_tokenizer(cfg.model))
+    for text in stream_documents(data, key="eval.data"):
+        packer.add(encode([text])[0])
+        if packer.full:
+            return torch.as_tensor(packer.sequences()).long()
+    whole = packer.filled // cfg.data.seq_len
+    if whole == 0:
+        raise InputError(f"eval.data: {pattern} holds {packer.filled} tokens, less than one sequence of {cfg.data.seq_len}")
+    return torch.as_tensor(packer.buffer[: whole * cfg.data.seq_len].reshape(whole, -1)).long()
+
+
+def eval_sets(cfg: Config) -> dict[str, torch.Tensor]:
+    """What to score: this run's held-out tokens, then each eval.data entry (a tokenize output
+    folder: its held-out split; else text files)."""
+    sets = {"heldout": heldout_sequences(cfg, TOKENIZE.dir(cfg), cfg.eval.max_sequences)}
+    for entry in cfg.eval.data:
+        if (Path(entry) / MANIFEST).exists():
+            sets[entry] = heldout_sequences(cfg, Path(entry), max(1, cfg.eval.data_tokens // cfg.data.seq_len))
+        else:
+            sets[entry] = file_sequences(cfg, entry)
+    return sets
 
 
 @dataclass
@@ -63,6 +107,16 @@ def baseline_kind(baseline: BalconyModel) -> str:
         return "ce_exit"
     raise ValueError("eval.baselines: only a tuned lens (exits.kind=tuned_lens) or CE-trained exits "
                      f"(train.objective=ce) are baselines; got {baseline.kind} exits trained on {baseline.meta.get('objective')}")
+
+
+def check_baselines(baselines: list[BalconyModel], folders: list[Path]) -> list[BalconyModel]:
+    """The baselines, each refused (naming its folder) unless it is a tuned lens or CE exits."""
+    for folder, baseline in zip(folders, baselines):
+        try:
+            baseline_kind(baseline)
+        except ValueError as e:
+            raise ConfigError(f"{e} in {folder}") from None
+    return baselines
 
 
 def variants_of(model: BalconyModel, baselines: list[BalconyModel]) -> list[Variant]:
@@ -118,3 +172,26 @@ def score(model: BalconyModel, baselines: list[BalconyModel], variants: list[Var
             score_batch(model, baselines, variants, batch.to(device), settings.chunk_size)
             bar.update(batch.numel())
     return [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()} for v in variants]
+
+
+def quality(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sequences: torch.Tensor,
+            device: torch.device, name: str) -> list[dict]:
+    """Perplexity, KL to the full model and top-1 agreement of every variant on `sequences`."""
+    return score(model, baselines, variants_of(model, baselines), sequences, cfg.eval, device, f"evaluate quality ({name})")
+
+
+def evaluate(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], sets: dict[str, torch.Tensor],
+             device: torch.device) -> dict:
+    """metrics.json's measurements: every variant's quality on the held-out tokens (with speed when
+    eval.speed) and on each eval.data set."""
+    from pipeline.timing import measure_speed
+
+    sequences = sets["heldout"]
+    rows = quality(cfg, model, baselines, sequences, device, "heldout")
+    other_data = [{"data": name, "sequences": len(seqs), "tokens": seqs.numel(),
+                   "rows": quality(cfg, model, baselines, seqs, device, name)}
+                  for name, seqs in sets.items() if name != "heldout"]
+    if cfg.eval.speed:
+        measure_speed(cfg.eval, model, rows, sequences.to(device))
+    return {"num_layers": model.num_layers, "depths": model.depths, "heldout_sequences": len(sequences),
+            "heldout_tokens": sequences.numel(), "device": device.type, "rows": rows, "other_data": other_data}

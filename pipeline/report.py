@@ -3,6 +3,7 @@ stage's (every candidate, the Pareto front and the chosen exits)."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from pipeline.shards import atomic_write
@@ -28,6 +29,47 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
                       for key in ("speculative", "assisted")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """The held-out rows' metrics, then each eval.data set's quality metrics prefixed `data1_`, ..."""
+    out = row_metrics(metrics["rows"])
+    for i, other in enumerate(metrics.get("other_data", []), 1):
+        out.update({f"data{i}_{name}": value for name, value in row_metrics(other["rows"]).items()})
+    return out
+
+
+def row_metrics(rows: list[dict]) -> dict[str, float]:
+    """Names by exit ordinal (exit1 = shallowest), so runs with other depths line up in the UI."""
+    kinds = {"balcony": "exit", "logit_lens": "lens", "tuned_lens": "tuned", "ce_exit": "ce"}
+    prefixes = {}
+    for kind, short in kinds.items():
+        depths = sorted(row["depth"] for row in rows if row["kind"] == kind)
+        prefixes.update({(kind, d): f"{short}{i}" for i, d in enumerate(depths, 1)})
+    out = {}
+    for row in rows:
+        prefix = "full" if row["kind"] == "full" else prefixes[(row["kind"], row["depth"])]
+        out.update({f"{prefix}_depth": row["depth"], f"{prefix}_relative_cost": row["relative_cost"],
+                    f"{prefix}_perplexity": row["perplexity"], f"{prefix}_kl": row["kl_to_full"],
+                    f"{prefix}_top1": row["top1_agreement"]})
+        for batch, value in row.get("speedup", {}).items():
+            out[f"{prefix}_speedup_b{batch}"] = value
+            out[f"{prefix}_latency_ms_b{batch}"] = row["latency_ms"][batch]
+        for key, short in (("speculative", "spec"), ("assisted", "assisted")):
+            if key in row:
+                out[f"{prefix}_{short}_acceptance"] = row[key]["acceptance_rate"]
+                out[f"{prefix}_{short}_speedup"] = row[key]["speedup"]
+    return out
+
+
+def write_evaluation(out: Path, metrics: dict, batches: list[int]) -> None:
+    """RUN/eval: table.md, plot.png, then metrics.json (the mark of completion), each written atomically."""
+    text = f"Held-out tokens of this run ({metrics['heldout_tokens']:,} tokens):\n\n" + markdown_table(metrics["rows"], batches)
+    for other in metrics["other_data"]:
+        text += f"\nQuality on {other['data']} ({other['tokens']:,} tokens):\n\n" + markdown_table(other["rows"], [])
+    atomic_write(out / "table.md", text.encode())
+    plot(metrics["rows"], out / "plot.png")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
 
 
 def _pyplot():

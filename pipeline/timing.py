@@ -11,6 +11,7 @@ import time
 import torch
 
 from pipeline.balcony import BalconyModel
+from pipeline.config import EvalConfig
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -84,3 +85,34 @@ def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_
         hook.remove()
     return {"acceptance_rate": (generated - rounds) / (rounds * draft_tokens), "speedup": full_seconds / assisted,
             "draft_tokens": draft_tokens}
+
+
+def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], sequences: torch.Tensor) -> None:
+    """Adds to the full model's and each exit's row its decode latency and speedup at each of
+    settings.latency_batches, and to each exit's row self-speculative and assisted decoding, all from
+    the first held-out sequence's first settings.prompt_tokens as the prompt."""
+    latency, batches = {}, settings.latency_batches
+    for batch_size in batches:
+        prompt = sequences[:1, : settings.prompt_tokens].repeat(batch_size, 1)
+        for depth in [None, *model.depths]:
+            latency[(batch_size, depth)] = decode_latency(model, depth, prompt, settings.new_tokens, settings.repeats)
+        print(f"evaluate: decode latency at batch {batch_size}: " + ", ".join(
+            f"{'full' if d is None else f'exit@{d}'} {latency[(batch_size, d)] * 1e3:.1f} ms/token"
+            for d in [None, *model.depths]))
+    prompt = sequences[:1, : settings.prompt_tokens]
+    full_seconds = greedy_seconds(model, prompt, settings.new_tokens, settings.repeats)
+    for row in rows:
+        if row["kind"] not in ("full", "balcony"):
+            continue
+        depth = None if row["kind"] == "full" else row["depth"]
+        row["latency_ms"] = {str(b): latency[(b, depth)] * 1e3 for b in batches}
+        row["speedup"] = {str(b): latency[(b, None)] / latency[(b, depth)] for b in batches}
+        row["ideal_speedup"] = 1 / row["relative_cost"]
+        if depth is None:
+            continue
+        for key, what, measure in (("speculative", "self-speculative", speculative_speedup),
+                                   ("assisted", "HF assisted generation", assisted_speedup)):
+            row[key] = measure(model, depth, prompt, settings.new_tokens, settings.draft_tokens, settings.repeats,
+                               full_seconds)
+            print(f"evaluate: {what} with exit@{depth}: acceptance {row[key]['acceptance_rate']:.2f}, "
+                  f"speedup {row[key]['speedup']:.2f}x over greedy full-depth decoding")

@@ -11,55 +11,19 @@ shards; a finished stage is a no-op.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from pipeline.backbone import load_tokenizer, tokenizer_fingerprint
+from pipeline.backbone import load_tokenizer
 from pipeline.config import Config
-from pipeline.corpus import ShardSpec, check_budget, document_encoder, pack_shards, plan_shards, shard_counts
-from pipeline.sources import Group, Scan, scan_sources, source_fingerprint, source_groups, stream_documents
-from pipeline.shards import PARTS, TOKENS_KEY, atomic_write, completed_record, write_shard
+from pipeline.corpus import (document_encoder, pack_shards, plan_shards, scan_group, scan_record, shard_counts,
+                             shard_samples, tokens_header)
 from pipeline.registry import TOKENIZE
+from pipeline.shards import atomic_write, completed_record, write_shard
+from pipeline.sources import source_groups, stream_documents
 from pipeline.stage import owned_shards, run_sharded, run_stage
 
 STAGE = TOKENIZE
-
-
-def tokens_header(cfg: Config, tokenizer) -> dict:
-    """What the token shards are a function of; pinned in .parts/header.json and the manifest."""
-    return {
-        "stage": STAGE.tag,
-        "config_hash": cfg.hash("data"),
-        "input_fingerprint": source_fingerprint(cfg.data),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "seq_len": cfg.data.seq_len,
-    }
-
-
-def scan_group(cfg: Config, group: Group, specs: list[ShardSpec], encode, tokenizer) -> Scan:
-    """Read every record of a read group before anything is written: a bad one is refused (or counted),
-    and a budget share its files cannot fill is refused."""
-    scan = scan_sources(cfg.data, group=group)
-    if cfg.data.read_groups == 1 or cfg.data.source == "hub":  # a hub card counts the whole split only
-        check_budget(cfg.data, scan, encode, tokenizer)
-    else:
-        needed = sum(s.sequences for s in specs if s.group == group.index) * cfg.data.seq_len
-        names = ", ".join(Path(f).name for f in group.files)
-        check_budget(cfg.data, scan, encode, tokenizer, needed, f"read group {group.index} ({names})")
-    return scan
-
-
-def scan_record(out: Path, group: int) -> Path:
-    return out / PARTS / f"scan-group-{group:04d}.json"
-
-
-def samples(split: str, index: int, sequences: np.ndarray):
-    for row, ids in enumerate(sequences):
-        yield {"__key__": f"{split}-{index:06d}-{row:06d}", TOKENS_KEY: ids}
 
 
 def run(cfg: Config, task: tuple[int, int]) -> None:
@@ -81,7 +45,7 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
                 atomic_write(scan_record(out, g), json.dumps({"skipped_records": scans[g].skipped}).encode(), shared=True)
                 documents = stream_documents(cfg.data, tokenizer, group=groups[g])
                 for spec, sequences in pack_shards(specs, owned, documents, encode, cfg.data, group=g):
-                    write_shard(out, spec.split, spec.index, samples(spec.split, spec.index, sequences))
+                    write_shard(out, spec.split, spec.index, shard_samples(spec.split, spec.index, sequences))
                     bar.update(sequences.size)
         return total
 
