@@ -14,6 +14,8 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # deepspeed imports mlflow when present
@@ -83,40 +85,68 @@ def lr_lambda(cfg: Config, total_steps: int):
     return factor
 
 
+@dataclass
+class ExitTraining:
+    """One set of exits under way: what set_up made, what the loop reads and advances."""
+
+    cfg: Config
+    name: str  # "exits", a baseline's name, or "candidates"
+    stage: Stage
+    out: Path
+    model: BalconyModel
+    engine: object  # the DeepSpeed engine around `model`
+    fmt: TargetFormat | None  # the cached targets' format; None: the online teacher (kl) or the tokens (ce)
+    stream: Iterator[dict]  # micro-batches from where the run is
+    step: int  # optimizer steps done
+    total_steps: int
+    accumulation: int  # micro-batches per rank per step
+    rank: int
+    world: int
+    device: torch.device
+    fingerprint: str  # the backbone's
+    config_hash: str
+
+
 def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: int, world: int,
-              device: torch.device, stage: Stage = TRAIN_EXITS, search_steps: int = 0,
-              initial: Path | None = None) -> None:
+                device: torch.device, stage: Stage = TRAIN_EXITS, search_steps: int = 0,
+                initial: Path | None = None) -> None:
     """One set of exits into `out`. `search_steps`: the last that many steps of the epoch's order belong
     to the exit search: its candidates (`stage` SEARCH_EXITS) train on exactly them, exits after a search
     on the steps before them. `initial`: exported exits the new ones start from (at the same depths)."""
+    run = set_up(cfg, out, name, backbone, fingerprint, rank, world, device, stage, search_steps, initial)
+    if run is not None:
+        train(run)
+
+
+def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: int, world: int, device: torch.device,
+           stage: Stage, search_steps: int, initial: Path | None) -> ExitTraining | None:
+    """Inputs checked, the directory claimed, the engine built and resumed; None when the exits exist."""
     import deepspeed
 
     accumulation = accumulation_steps(cfg, world)
+    bf16 = uses_bf16(cfg, device)
     dtype = next(backbone.parameters()).dtype
-    if not uses_bf16(cfg, device) and dtype != torch.float32:  # fp32 exits would be copies of bf16 layers
+    if not bf16 and dtype != torch.float32:  # fp32 exits would be copies of bf16 layers
         raise ConfigError(f"train.precision: {cfg.train.precision} trains in fp32 here, but the backbone is {dtype} "
                           f"(model.dtype {cfg.model.dtype}); set train.precision bf16 (DeepSpeed keeps fp32 master "
                           "weights of the exits) or model.dtype float32")
-    online = cfg.train.online_teacher or cfg.train.objective == "ce"  # neither needs cached targets
-    bf16 = uses_bf16(cfg, device)
     torch.manual_seed(cfg.train.seed)
 
     # --- inputs: the shards the earlier stages must have produced
-    if online:
+    if cfg.train.online_teacher or cfg.train.objective == "ce":  # neither needs cached targets
         source = TOKENIZE.dir(cfg)
         manifest = read_manifest(source, TOKENIZE.tag, expect={
             "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})
-        fmt = None  # exit_losses: no format = the online teacher (kl) or the tokens themselves (ce)
+        fmt = None
     else:
         source = TEACHER_LOGITS.dir(cfg)
         manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
-                                                             "seq_len": cfg.data.seq_len})
+                                                                     "seq_len": cfg.data.seq_len})
         fmt = TargetFormat.from_description(manifest["target_format"])
     model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
     header = {"stage": stage.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
-              "precision": "bf16" if bf16 else "fp32"}
-    header["search_steps"] = search_steps
+              "precision": "bf16" if bf16 else "fp32", "search_steps": search_steps}
     if initial is not None:
         model.load_exits(initial, subset=True)
         header["initial_exits_sha256"] = file_sha256(initial / WEIGHTS)
@@ -130,10 +160,10 @@ def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, r
     if finished:
         if rank == 0:
             print(f"{stage.name}: {out / EXITS_CONFIG} exists for this configuration; nothing to do")
-        return
+        return None
 
     # --- data and schedule
-    batches = TrainBatches(source, manifest, () if online else (fmt.ids_key, fmt.logprobs_key),
+    batches = TrainBatches(source, manifest, () if fmt is None else (fmt.ids_key, fmt.logprobs_key),
                            cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
     epoch_steps = batches.batches_per_epoch // accumulation
     if epoch_steps < 1:
@@ -145,11 +175,9 @@ def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, r
     searching = stage is SEARCH_EXITS
     first_step = epoch_steps - search_steps if searching else 0  # where this run's data starts in the epoch
     total_steps = search_steps if searching else cfg.train.max_steps or cfg.train.epochs * epoch_steps - search_steps
-
     late = [s for s in cfg.train.snapshots if s > total_steps]
     if late:
         raise ConfigError(f"train.snapshots: step {late[0]} is past the run's {total_steps} steps")
-    trained = lambda step: {"objective": cfg.train.objective, "steps": step, "tokens": step * cfg.train.tokens_per_step}
 
     # --- engine: only exit parameters reach the optimizer
     params = [p for p in model.exits.parameters() if p.requires_grad]
@@ -163,8 +191,8 @@ def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, r
     if cast:
         raise PipelineError(f"deepspeed: {deepspeed.__version__} cast the rotary buffers {cast} to low precision "
                             "(positions would be wrong); install deepspeed >= 0.19.2")
-    checkpoints = out / "checkpoints"
     step = 0
+    checkpoints = out / "checkpoints"
     if (checkpoints / "latest").exists():
         _, state = engine.load_checkpoint(str(checkpoints), load_module_strict=False)
         step = state["step"]
@@ -172,7 +200,6 @@ def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, r
         if rank == 0:
             print(f"{stage.name}: resumed from {checkpoints / (checkpoints / 'latest').read_text().strip()} at step {step}")
 
-    stream = batches.stream(start=(first_step + step) * accumulation)
     if rank == 0:
         unused = batches.dropped + (batches.batches_per_epoch - epoch_steps * accumulation) * world * batches.micro_batch
         if not cfg.train.max_steps and unused:
@@ -182,52 +209,63 @@ def train_exits(cfg: Config, out: Path, name: str, backbone, fingerprint: str, r
               f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)"
               + (f" from step {first_step} of the epoch's {epoch_steps}" if first_step else ""))
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=stage.name, disable=rank != 0, dynamic_ncols=True)
-    with stage_run(cfg, stage.tag, header["config_hash"], enabled=rank == 0, label=name) as tracker, bar:
-        while step < total_steps:
+    stream = batches.stream(start=(first_step + step) * accumulation)
+    return ExitTraining(cfg, name, stage, out, model, engine, fmt, stream, step, total_steps, accumulation, rank, world,
+                        device, fingerprint, header["config_hash"])
+
+
+def train(run: ExitTraining) -> None:
+    """The steps from where `run` is to its last, checkpointed as the recipe says, then the export."""
+    cfg, model, engine, device = run.cfg, run.model, run.engine, run.device
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", desc=run.stage.name, disable=run.rank != 0,
+               dynamic_ncols=True)
+    with stage_run(cfg, run.stage.tag, run.config_hash, enabled=run.rank == 0, label=run.name) as tracker, bar:
+        while run.step < run.total_steps:
             started = time.perf_counter()
             step_losses = torch.zeros(len(model.depths), device=device)
-            for micro in range(accumulation):
-                batch = {k: v.to(device) for k, v in next(stream).items()}
+            for micro in range(run.accumulation):
+                batch = {k: v.to(device) for k, v in next(run.stream).items()}
                 # train.loss_positions: which positions, a function of where the run is (so a resume draws the same)
-                positions = torch.Generator().manual_seed(hash((cfg.train.seed, rank, step, micro)))
+                positions = torch.Generator().manual_seed(hash((cfg.train.seed, run.rank, run.step, micro)))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.autocast_bf16):
-                    losses = exit_losses(engine, model.logits, model.depths, batch, fmt, cfg.train.chunk_size,
-                                      cfg.train.objective, cfg.train.loss_positions, positions)
+                    losses = exit_losses(engine, model.logits, model.depths, batch, run.fmt, cfg.train.chunk_size,
+                                         cfg.train.objective, cfg.train.loss_positions, positions)
                 engine.backward(losses.mean())
                 # on every micro-step, as DeepSpeed wants: it steps the optimizer (and the scheduler)
                 # only at the gradient-accumulation boundary, and merely counts the others
                 engine.step()
-                step_losses += losses.detach() / accumulation
+                step_losses += losses.detach() / run.accumulation
             dist.all_reduce(step_losses)
-            step_losses /= world
-            step += 1
+            step_losses /= run.world
+            run.step += 1
             seconds = time.perf_counter() - started
-            if rank == 0:
-                lr = scheduler.get_last_lr()[0]
+            if run.rank == 0:
+                lr = engine.lr_scheduler.get_last_lr()[0]
                 # 9 significant digits: a float32 exactly, so that runs compare by value (resume, ZeRO stages)
                 per_exit = "  ".join(f"kl@{d} {v:.9g}" for d, v in zip(model.depths, step_losses.tolist()))
-                bar.write(f"step {step}/{total_steps}  {per_exit}  lr {lr:.3e}  {cfg.train.tokens_per_step / seconds:,.0f} tok/s")
+                bar.write(f"step {run.step}/{run.total_steps}  {per_exit}  lr {lr:.3e}  "
+                          f"{cfg.train.tokens_per_step / seconds:,.0f} tok/s")
                 sys.stdout.flush()  # a log file (SLURM) sees each step as it ends
                 bar.update()
                 tracker.metrics({**{f"kl_exit_{d}": v for d, v in zip(model.depths, step_losses.tolist())},
                                  "kl_mean": float(step_losses.mean()), "lr": lr,
-                                 "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=step)
-            if step in cfg.train.snapshots:
-                export(model, snapshot_dir(out, step), fingerprint, rank, trained(step))
+                                 "tokens_per_s": cfg.train.tokens_per_step / seconds}, step=run.step)
+            if run.step in cfg.train.snapshots:
+                export(run, snapshot_dir(run.out, run.step))
             # SLURM's warning before the time limit (on any rank): checkpoint, and stop for the requeue
             signalled = torch.tensor([float(time_limit_signalled())], device=device)
             dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
             stopping = bool(signalled.item())
-            if step % cfg.train.checkpoint_every == 0 or step == total_steps or stopping:
-                save_checkpoint(engine, checkpoints, step, cfg.train.keep_checkpoints, rank)
-            if stopping and step < total_steps:
+            if run.step % cfg.train.checkpoint_every == 0 or run.step == run.total_steps or stopping:
+                save_checkpoint(engine, run.out / "checkpoints", run.step, cfg.train.keep_checkpoints, run.rank)
+            if stopping and run.step < run.total_steps:
                 dist.barrier()  # rank 0 has moved `latest`: no rank exits (and srun stops the others) before
-                raise TimeLimit(f"{stage.name} ({name}): stopped at step {step} of {total_steps}, checkpointed")
-        export(model, out, fingerprint, rank, trained(step))
-        if rank == 0:
-            tracker.artifact(out / EXITS_CONFIG)
-            print(f"{stage.name}: wrote {out / 'exits.safetensors'} and {out / EXITS_CONFIG}")
+                raise TimeLimit(f"{run.stage.name} ({run.name}): stopped at step {run.step} of {run.total_steps}, "
+                                "checkpointed")
+        export(run, run.out)
+        if run.rank == 0:
+            tracker.artifact(run.out / EXITS_CONFIG)
+            print(f"{run.stage.name}: wrote {run.out / WEIGHTS} and {run.out / EXITS_CONFIG}")
 
 
 def weights_only_checkpoint_engine(ds_config):
@@ -265,13 +303,13 @@ def snapshot_dir(out: Path, step: int) -> Path:
     return out / "snapshots" / f"step{step:08d}"
 
 
-def export(model: BalconyModel, out: Path, fingerprint: str, rank: int, extra: dict) -> None:
+def export(run: ExitTraining, out: Path) -> None:
     """exits.safetensors + balcony_config.json (written last: its presence marks a finished export)."""
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.exits.parameters()), modifier_rank=None):
-        if rank == 0:
-            model.save_exits(out, fingerprint, extra)
+    cfg = run.cfg
+    trained = {"objective": cfg.train.objective, "steps": run.step, "tokens": run.step * cfg.train.tokens_per_step}
+    with deepspeed.zero.GatheredParameters(list(run.model.exits.parameters()), modifier_rank=None):
+        if run.rank == 0:
+            run.model.save_exits(out, run.fingerprint, trained)
     dist.barrier()
-
-
