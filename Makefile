@@ -173,9 +173,10 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# TEST_WORKERS=2: two pytest workers (each test file stays on one, conftest.py groups them); 0 runs
-# the tests in one process, as CI does until a two-worker run is timed against it.
-TEST_WORKERS ?= 0
+# Two pytest workers (each test file stays on one, conftest.py groups them): most tests wait on
+# subprocesses of one thread each (stages, SLURM jobs, servers), so two share the 2 cores well.
+# TEST_WORKERS=0 runs every test in one process.
+TEST_WORKERS ?= 2
 PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: assets system-deps

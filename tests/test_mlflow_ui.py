@@ -43,7 +43,8 @@ def two_pipelines(tmp_path_factory, assets):
         cfg["teacher"]["format"] = fmt
         config = folder / f"{name}.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER="],
+        # one rank: the ranks are train-exits' tests; these are about what reaches MLflow
+        proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER=", "NPROC=1"],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         # one clear line per stage transition

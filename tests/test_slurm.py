@@ -155,18 +155,31 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     from pipeline.launch import load_jobs, slurm, wait
 
     site = yaml.safe_load(cluster.read_text())
-    # the warning is due 30 s in and comes within SLURM's ~30 s check: after ~20 s of work, before its ~60 s end
-    site.update(array_tasks=1, requeue_grace_s=90, teacher={"mem": "2G", "time": "2"})
+    site.update(array_tasks=1, requeue_grace_s=90, teacher={"mem": "2G", "time": "10"})
     limited = tmp_path / "limited.yaml"
     limited.write_text(yaml.safe_dump(site))
-    data = {"train_tokens": 49152}  # ~60 s of teacher work here (800 tokens/s), 25 shards
+    data = {"train_tokens": 49152}  # ~60-80 s of teacher work here, 25 shards
     config = _config(tmp_path, tracking_uri, "requeue", data=data, teacher={"k": 8})
+    reference = _config(tmp_path, tracking_uri, "uninterrupted", data=data, teacher={"k": 8})
     launch(config, "--stages", "tokenize")
     launch(config, "--stages", "teacher-logits,train-exits", "--cluster", str(limited))
+    # the uninterrupted run, in place, while the cluster's job works and waits for its signal
+    reference_log = tmp_path / "uninterrupted.log"
+    with open(reference_log, "w") as log_file:
+        uninterrupted = subprocess.Popen([sys.executable, str(ROOT / "stages/run_pipeline.py"), "--config", str(reference),
+                                          "--stages", "tokenize,teacher-logits"], cwd=ROOT, stdout=log_file,
+                                         stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     sites = load_cluster_config(limited)
     teacher, train = load_jobs(load_config(config))
     task = f"{teacher.job_id}_0"
+    # once the task has committed a shard, a 2-minute limit makes the warning (90 s before it) due at
+    # once: it comes at SLURM's next check (~30 s), with most of the work still to do, however loaded
+    # the machine is
     deadline = time.monotonic() + 300
+    while not list((tmp_path / "requeue" / "teacher" / ".parts").glob("shard-*.json")):
+        assert time.monotonic() < deadline, slurm(sites, "scontrol", "show", "job", "-o", task)
+        time.sleep(0.5)
+    slurm(sites, "scontrol", "update", f"JobId={task}", "TimeLimit=2")
     while "Restarts=0" in (state := slurm(sites, "scontrol", "show", "job", "-o", task)):
         assert "JobState=COMPLETED" not in state and time.monotonic() < deadline, state
         time.sleep(2)
@@ -178,6 +191,5 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     assert resumed and int(resumed[1]) < 25, log[-3000:]  # the shards committed before the signal were kept
     assert "step 3/3" in Path(train.log).read_text()
 
-    reference = _config(tmp_path, tracking_uri, "uninterrupted", data=data, teacher={"k": 8})
-    launch(reference, "--stages", "tokenize,teacher-logits")
+    assert uninterrupted.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
     assert tree_bytes(tmp_path / "requeue" / "teacher") == tree_bytes(tmp_path / "uninterrupted" / "teacher")
