@@ -177,7 +177,7 @@ system-deps:
 # subprocesses of one thread each (stages, SLURM jobs, servers), so two share the 2 cores well.
 # TEST_WORKERS=0 runs every test in one process.
 TEST_WORKERS ?= 2
-PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: assets system-deps
 	$(PYTEST) tests
