@@ -89,18 +89,9 @@ def losses_by_step(stdout: str) -> dict[int, list[float]]:
 SHARED_WORKER = {"test_bad_input.py": "tiny_pipeline", "test_faults.py": "tiny_pipeline"}
 
 
-# The longest files first (minutes in one process on 2 cores): workers take files in this order, so
-# the last file a worker takes is a short one.
-LONGEST_FIRST = ["test_bad_input.py", "test_faults.py", "test_train_exits.py", "test_slurm.py", "test_search.py",
-                 "test_mlflow_ui.py", "test_teacher_stage.py", "test_tokenize_stage.py", "test_tracking_server.py",
-                 "test_families.py"]
-
-
 def pytest_collection_modifyitems(items):
     """Under `pytest -n N --dist loadgroup`, keep each file on one worker, so its module fixtures
-    (a SLURM cluster, a trained run) are built once; the longest files go first."""
-    order = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file keeps its own order
+    (a SLURM cluster, a trained run) are built once."""
     for item in items:
         name = item.path.name
         item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(name, name)))
