@@ -275,6 +275,11 @@ class TrainConfig:
     seed: int = _num(0, ge=0)
     """Data order and initialisation."""
 
+    @property
+    def reads_cached_targets(self) -> bool:
+        """Whether the exits learn from RUN/teacher (neither the online teacher nor CE needs it)."""
+        return self.objective == "kl" and not self.online_teacher
+
     def validate(self, path: str) -> None:
         if any(step < 1 for step in self.snapshots):
             raise ConfigError(f"{path}.snapshots: steps must be >= 1, got {self.snapshots}")
@@ -343,7 +348,7 @@ class Config:
 
     def reads_cached_targets(self) -> bool:
         """Whether any exits train-exits trains read RUN/teacher (else the teacher stage has no reader)."""
-        return any(c.train.objective == "kl" and not c.train.online_teacher for _, c, _ in self.exit_runs())
+        return any(c.train.reads_cached_targets for _, c, _ in self.exit_runs())
 
     def exit_runs(self) -> list[tuple[str, "Config", Path]]:
         """What train-exits trains: (name, recipe, output folder) for the exits, then each baseline.

@@ -32,6 +32,7 @@ from pipeline.losses import next_token_labels
 from pipeline.registry import TOKENIZE
 from pipeline.shards import MANIFEST, TOKENS_KEY, read_manifest, read_shard
 from pipeline.sources import stream_documents
+from pipeline.timing import measure_speed
 
 
 def heldout_sequences(cfg: Config, tokens_dir, limit: int) -> torch.Tensor:
@@ -109,14 +110,13 @@ def baseline_kind(baseline: BalconyModel) -> str:
                      f"(train.objective=ce) are baselines; got {baseline.kind} exits trained on {baseline.meta.get('objective')}")
 
 
-def check_baselines(baselines: list[BalconyModel], folders: list[Path]) -> list[BalconyModel]:
-    """The baselines, each refused (naming its folder) unless it is a tuned lens or CE exits."""
+def check_baselines(baselines: list[BalconyModel], folders: list[Path]) -> None:
+    """Refuses a baseline (naming its folder) that is neither a tuned lens nor CE exits."""
     for folder, baseline in zip(folders, baselines):
         try:
             baseline_kind(baseline)
         except ValueError as e:
             raise ConfigError(f"{e} in {folder}") from None
-    return baselines
 
 
 def variants_of(model: BalconyModel, baselines: list[BalconyModel]) -> list[Variant]:
@@ -184,8 +184,6 @@ def evaluate(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], se
              device: torch.device) -> dict:
     """metrics.json's measurements: every variant's quality on the held-out tokens (with speed when
     eval.speed) and on each eval.data set."""
-    from pipeline.timing import measure_speed
-
     sequences = sets["heldout"]
     rows = quality(cfg, model, baselines, sequences, device, "heldout")
     other_data = [{"data": name, "sequences": len(seqs), "tokens": seqs.numel(),

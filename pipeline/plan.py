@@ -333,7 +333,7 @@ ExitRun = tuple[list[int], str, float, bool]
 
 def exit_runs(ctx: PlanContext, depths: list[int]) -> list[ExitRun]:
     """What train-exits trains at `depths`: the exits, then each baseline."""
-    return [(depths, c.exits.kind, c.train.loss_positions, c.train.online_teacher or c.train.objective == "ce")
+    return [(depths, c.exits.kind, c.train.loss_positions, not c.train.reads_cached_targets)
             for _, c, _ in ctx.cfg.exit_runs()]
 
 
@@ -369,10 +369,10 @@ def training_plan(ctx: PlanContext, stage: str, runs: list[ExitRun], train_token
 def search_plan(ctx: PlanContext) -> StagePlan:
     from pipeline.search import candidate_depths
 
-    _, kind, _, online = exit_runs(ctx, [])[0]
-    candidates = candidate_depths(ctx.cfg, ctx.arch.layers)
-    return training_plan(ctx, SEARCH_EXITS.name, [(candidates, kind, ctx.cfg.search.loss_positions, online)],
-                         ctx.cfg.search.tokens)
+    cfg = ctx.cfg
+    candidates = candidate_depths(cfg, ctx.arch.layers)
+    run = (candidates, cfg.exits.kind, cfg.search.loss_positions, not cfg.train.reads_cached_targets)
+    return training_plan(ctx, SEARCH_EXITS.name, [run], cfg.search.tokens)
 
 
 def train_plan(ctx: PlanContext) -> StagePlan:

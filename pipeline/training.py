@@ -133,7 +133,7 @@ def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: 
     torch.manual_seed(cfg.train.seed)
 
     # --- inputs: the shards the earlier stages must have produced
-    if cfg.train.online_teacher or cfg.train.objective == "ce":  # neither needs cached targets
+    if not cfg.train.reads_cached_targets:
         source = TOKENIZE.dir(cfg)
         manifest = read_manifest(source, TOKENIZE.tag, expect={
             "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(cfg.model)), "seq_len": cfg.data.seq_len})

@@ -36,8 +36,8 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     fingerprint = backbone_fingerprint(cfg.model, backbone)
     model = BalconyModel.from_pretrained(backbone, exits_dir, fingerprint, cfg.exits.depths).to(device).eval()
     folders = [folder for _, _, folder in cfg.exit_runs()[1:]] + [Path(f) for f in cfg.eval.baselines]
-    baselines = check_baselines([BalconyModel.from_pretrained(backbone, f, fingerprint).to(device).eval() for f in folders],
-                                folders)
+    baselines = [BalconyModel.from_pretrained(backbone, folder, fingerprint).to(device).eval() for folder in folders]
+    check_baselines(baselines, folders)
     sets = eval_sets(cfg)
     header = {"stage": STAGE.tag, "config_hash": cfg.hash("eval"), "input_manifest_hash": manifest_hash(TOKENIZE.dir(cfg)),
               "eval_data_sha256": {name: tensor_sha256(seqs) for name, seqs in sets.items()},
