@@ -32,13 +32,14 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve search-compare tail-kl pipeline plan calibrate gpu-check status test test-unit bench mlflow-ui mlflow-server slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve search-compare tail-kl pipeline plan calibrate gpu-check status test test-unit test-noroot bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
 	@echo "make demo    - set up, prepare assets, run the whole pipeline on configs/demo.yaml"
 	@echo "make test    - set up, prepare assets, install SLURM/munge/Chromium (root), run the test suite"
-	@echo "make test-unit - the tests that need no root or system service (no SLURM, Chromium, tmpfs)"
+	@echo "make test-unit - the fast subset: no stage processes, no root"
+	@echo "make test-noroot - every test that needs no root or system service (no SLURM, Chromium, tmpfs)"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
 	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - the stages in order, or a chain of SLURM jobs"
@@ -173,18 +174,20 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# TEST_WORKERS=2: two pytest workers (each test file stays on one, conftest.py groups them). Timed on
-# 2 cores: 58 min against 66 serially, but a module fixture was built twice (the SLURM cluster, the
-# searched run) and the second start of the cluster failed; the suite runs in one process until that
-# is understood.
+# One pytest process: the stages a test starts already use both cores (two workers measured 12% faster
+# on 2 cores but built a shared fixture twice). TEST_WORKERS=2 tries pytest-xdist anyway.
 TEST_WORKERS ?= 0
 PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test: assets system-deps
 	$(PYTEST) tests
 
-# Without root or system services: every test but those marked `system` (SLURM, Chromium, tmpfs).
+# The fast subset: no stage processes, no root (the library on tiny configs of real families).
 test-unit: assets
+	$(PYTEST) tests -m "not system and not integration"
+
+# Everything that needs no root or system service (no SLURM, Chromium or tmpfs).
+test-noroot: assets
 	$(PYTEST) tests -m "not system"
 
 bench: assets

@@ -86,7 +86,8 @@ def losses_by_step(stdout: str) -> dict[int, list[float]]:
 # ---------------------------------------------------------------- parallel workers (`make test`)
 
 # Files that share a session fixture (the finished tiny pipeline, the ledger) run on one worker.
-SHARED_WORKER = {"test_bad_input.py": "tiny_pipeline", "test_faults.py": "tiny_pipeline"}
+SHARED_WORKER = {name: "tiny_pipeline" for name in ("test_bad_input.py", "test_faults.py", "test_mlflow_ui.py",
+                                                    "test_train_exits.py")}
 
 
 def pytest_collection_modifyitems(items):
@@ -122,13 +123,13 @@ def ledger():
 TINY_PIPELINE = {
     "model": {"num_layers": 3},
     "exits": {"depths": [1, 2]},
-    "data": {"train_tokens": 16384, "heldout_tokens": 1024, "sequences_per_shard": 4},  # 32 + 2 shards
+    "data": {"train_tokens": 8192, "heldout_tokens": 512, "sequences_per_shard": 2},  # 32 + 2 shards
     "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
-    "train": {"tokens_per_step": 512, "micro_batch_size": 2, "checkpoint_every": 1, "chunk_size": 256,
+    "train": {"tokens_per_step": 256, "micro_batch_size": 1, "checkpoint_every": 1, "chunk_size": 256,
               "lr": 1e-3, "max_steps": 10},
-    "eval": {"max_sequences": 8, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
 }
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for processes that share the cores with others
 
 
 def config_file(folder: Path, tracking_uri: str, name: str, base: dict, **extra) -> Path:
@@ -146,34 +147,38 @@ def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
     return config_file(folder, tracking_uri, name, TINY_PIPELINE, **extra)
 
 
-def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1) -> list[str]:
-    """The stage as a user starts it; train-exits with ranks > 1 under the deepspeed launcher."""
-    launcher = ([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-                if ranks > 1 else [sys.executable])
-    return [*launcher, str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
+def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1, launcher: str = "deepspeed") -> list[str]:
+    """The stage as a user starts it: one process with the machine's threads, or ranks > 1 under a
+    launcher (`deepspeed` or `torchrun`) with one thread each (`OMP_NUM_THREADS=1 deepspeed ...`)."""
+    binary = str(Path(sys.executable).parent / launcher)
+    start = ([sys.executable] if ranks == 1 else
+             ["env", "OMP_NUM_THREADS=1", binary, "--num_gpus", str(ranks), "--master_port", str(free_port())]
+             if launcher == "deepspeed" else
+             ["env", "OMP_NUM_THREADS=1", binary, "--standalone", "--nproc_per_node", str(ranks)])
+    return [*start, str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
 
 
 def run_command(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD)
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{command[-3]} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
+PIPELINES = "pipelines"  # the MLflow experiment of the tests' whole-pipeline runs (test_mlflow_ui compares them)
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tracking_uri, assets):
-    """All four stages of the tiny pipeline, uninterrupted (train-exits: 2 ranks under deepspeed).
-    Returns (run folder, train-exits stdout, evaluate wall seconds)."""
-    import time
-
+    """The whole tiny pipeline, uninterrupted, as `make pipeline` runs it: tokenize, teacher-logits,
+    train-exits (2 ranks under deepspeed), evaluate, export-exits (export.after_evaluate). The reference
+    of the fault and bad-input suites, and the run train-exits', export's and MLflow's tests read.
+    Returns (run folder, the pipeline's output, evaluate's wall seconds); the config is RUN.yaml."""
     folder = tmp_path_factory.mktemp("finished")
-    config = tiny_config(folder, tracking_uri, "run")
-    run_command(stage_command("tokenize", config))
-    run_command(stage_command("teacher-logits", config))
-    train = run_command(stage_command("train-exits", config, ranks=2))
-    started = time.perf_counter()
-    run_command(stage_command("evaluate", config))
-    return folder / "run", train.stdout, time.perf_counter() - started
+    config = tiny_config(folder, tracking_uri, "run", run={"experiment": PIPELINES}, export={"after_evaluate": True})
+    proc = run_command([sys.executable, str(ROOT / "stages" / "run_pipeline.py"), "--config", str(config), "--nproc", "2"])
+    seconds = float(re.search(r"^==> evaluate done in ([\d,]+) s", proc.stdout, re.M)[1].replace(",", ""))
+    return folder / "run", proc.stdout + proc.stderr, seconds
 
 
 def stage_module(stage: str):
@@ -190,6 +195,28 @@ def stage_module(stage: str):
 def stage_function(stage: str):
     """A stage's body, `run(cfg, task)`."""
     return stage_module(stage).run
+
+
+def run_in_process(stage: str, config: Path, *overrides: str) -> tuple[int, str, str]:
+    """The stage's body run in this process through the entry point a user's command goes through
+    (`run_stage`: the command line, the config, the one-line errors): (exit code, stdout, stderr).
+    For refusals, which come before any work: it spares a new interpreter's ~6 s of imports. The
+    environment a stage sets up is undone after it."""
+    import contextlib
+    import io
+
+    from pipeline.stage import run_stage
+
+    environ, out, err, code = dict(os.environ), io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_stage("", stage_function(stage), ["--config", str(config), *overrides])
+    except SystemExit as e:
+        code = e.code
+    finally:  # the one-process group stays (DeepSpeed keeps a handle on it); the variables go
+        os.environ.clear()
+        os.environ.update(environ)
+    return code, out.getvalue(), err.getvalue()
 
 
 def perturbed_model(num_layers: int = 6, depths=(2, 4)):

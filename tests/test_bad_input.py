@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.train_data import TrainBatches
 from pipeline.training import weights_only_checkpoint_engine
 
-from conftest import BACKBONE, ROOT, run_command, stage_command, tiny_config, tree_bytes
+from conftest import BACKBONE, ROOT, run_in_process, stage_command, tiny_config, tree_bytes
 
 # consumer stage -> (the inputs it reads, the folder damaged, the shard damaged (split, index, file), its output)
 CONSUMERS = {
@@ -61,8 +61,9 @@ def foreign(tmp_path_factory, tracking_uri, assets):
     """Tokens and targets of another run (another data seed): where foreign shards come from."""
     folder = tmp_path_factory.mktemp("foreign")
     config = tiny_config(folder, tracking_uri, "run", data={"seed": 7})
-    run_command(stage_command("tokenize", config))
-    run_command(stage_command("teacher-logits", config))
+    for stage in ("tokenize", "teacher-logits"):
+        code, _, stderr = run_in_process(stage, config)
+        assert code == 0, stderr[-3000:]
     return folder / "run"
 
 
@@ -73,14 +74,17 @@ def first_train_shard(stage_dir: Path, cfg) -> str:
 
 
 def refusal(stage: str, config: Path, *overrides: str) -> str:
-    """Run the stage as a user would (train-exits as one plain process); return its one error line."""
-    proc = run_command(stage_command(stage, config, *overrides), check=False)
-    assert proc.returncode == 2, f"{stage} exited {proc.returncode}, not 2:\n{proc.stderr[-3000:]}"
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-3000:]
+    """Run the stage through its command line's entry point (train-exits as one process), in this
+    process (the command line itself: test_bad_overrides_and_missing_config_file); return its one
+    error line."""
+    code, _, stderr = run_in_process(stage, config, *overrides)
+    assert code == 2, f"{stage} exited {code}, not 2:\n{stderr[-3000:]}"
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
     return errors[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 @pytest.mark.parametrize("consumer", list(CONSUMERS))
 def test_corrupt_input_is_refused_before_use(finished_run, foreign, tmp_path, tracking_uri, ledger, consumer, corruption):
@@ -145,6 +149,7 @@ MISMATCHES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case,stage,inputs,overrides,expected", MISMATCHES, ids=[m[0] for m in MISMATCHES])
 def test_mismatched_input_is_refused(finished_run, other_tokenizer, tmp_path, tracking_uri, ledger,
                                      case, stage, inputs, overrides, expected):
@@ -193,6 +198,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage,change,expected", MALFORMED, ids=[m[2].split(":")[0] + f"-{i}" for i, m in enumerate(MALFORMED)])
 def test_malformed_config_is_a_one_line_error_and_starts_nothing(finished_run, tmp_path, tracking_uri, ledger,
                                                                  stage, change, expected):

@@ -80,6 +80,7 @@ def test_exported_exit_drafts_for_the_full_model_with_greedy_output(model, expor
     assert torch.equal(assisted, greedy)
 
 
+@pytest.mark.integration
 def test_lm_eval_hf_scores_an_export_as_it_is(exported, tmp_path):
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "run", "--model", "hf",
            "--model_args", f"pretrained={exported[4]}",

@@ -16,7 +16,9 @@ import pytest
 
 from pipeline.registry import STAGES
 
-from conftest import ONE_THREAD, ROOT, losses_by_step, run_command, stage_command, stage_function, tiny_config, tree_bytes
+from conftest import ROOT, losses_by_step, run_command, stage_command, stage_function, tiny_config, tree_bytes
+
+pytestmark = pytest.mark.integration  # runs the stages as processes
 
 KILLS = 5
 
@@ -44,8 +46,7 @@ def kill_repeatedly(command: list[str], progress, total: int, seed: int, jitter_
         done = progress()  # aim within the next 1/(kills left + 1) of the rest, so later kills still land mid-stage
         target = done + rng.randint(1, max(1, (total - done) // (KILLS - i + 1)))
         with open(logs / f"kill{i}.log", "w") as log:
-            proc = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.time() + 300
             while progress() < target and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.002)
@@ -63,7 +64,7 @@ def kill_repeatedly(command: list[str], progress, total: int, seed: int, jitter_
 def test_kills_in_sharded_stages(finished_run, tmp_path, tracking_uri, ledger, stage, seed):
     run_dir, _, _ = finished_run
     if stage == "tokenize":  # ~300 small shards: enough work for the kills to land mid-stage
-        many = {"data": {"train_tokens": 300_000, "seq_len": 64, "sequences_per_shard": 16}}
+        many = {"data": {"train_tokens": 150_000, "seq_len": 64, "sequences_per_shard": 8}}
         run_command(stage_command("tokenize", tiny_config(tmp_path, tracking_uri, "whole", **many)))
         finished = tree_bytes(tmp_path / "whole" / "tokens")
         config = tiny_config(tmp_path, tracking_uri, "killed", **many)
@@ -100,8 +101,10 @@ def test_kills_in_train_exits(finished_run, tmp_path, tracking_uri, ledger):
         assert not (exits / "balcony_config.json").exists() and not (exits / "exits.safetensors").exists()
 
     total = max(losses_by_step(stdout))
-    landed = kill_repeatedly(stage_command("train-exits", config, ranks=2), step, total, 13, 1.0, not_exported, tmp_path)
-    final = run_command(stage_command("train-exits", config, ranks=2))
+    # (not torchrun: its workers run in a session of their own, so killing its group leaves them training)
+    command = stage_command("train-exits", config, ranks=2)
+    landed = kill_repeatedly(command, step, total, 13, 1.0, not_exported, tmp_path)
+    final = run_command(command)
     assert f"at step {landed[-1]}" in final.stdout
     seen: dict[int, list[float]] = {}
     for output in [*((tmp_path / f"kill{i}.log").read_text() for i in range(KILLS)), final.stdout]:
@@ -130,8 +133,8 @@ def test_kills_in_evaluate(finished_run, tmp_path, tracking_uri, ledger):
             # each kill lands in a fresh evaluation: once a killed run left a complete metrics.json, the
             # next would only say "nothing to do"
             shutil.rmtree(out, ignore_errors=True)
-            proc = subprocess.Popen(stage_command("evaluate", config), cwd=ROOT, env=ONE_THREAD,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(stage_command("evaluate", config), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(delay)
             if proc.poll() is None:
                 break

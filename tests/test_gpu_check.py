@@ -12,6 +12,7 @@ from conftest import BACKBONE, ONE_THREAD, ROOT
 SCRIPT = str(ROOT / "bench/gpu_check.py")
 
 
+@pytest.mark.integration
 def test_smoke_on_cpu(tmp_path, assets):
     small = ["--cpu", "--shape", str(BACKBONE), "--layers", "4", "--exits", "2,3", "--seq", "64", "--batch", "2",
              "--micro", "2", "--steps", "2", "--out", str(tmp_path)]

@@ -1,6 +1,6 @@
-"""Two in-place `make pipeline` runs (top-k vs sampled targets) in one store, then the real MLflow
-server (`make mlflow-ui`) and headless Chromium on its compare page: both runs and their per-exit
-metrics must be on the rendered page. The screenshot stays in test-artifacts/."""
+"""Two in-place pipeline runs (sampled vs top-k targets) in one store, then the real MLflow server
+(`make mlflow-ui`) and headless Chromium on its compare page: both runs and their per-exit metrics
+must be on the rendered page. The screenshot stays in test-artifacts/."""
 import json
 import os
 import shutil
@@ -13,17 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ARTIFACTS, ROOT, small_config
+from conftest import ARTIFACTS, PIPELINES, ROOT, tiny_config
 
-TINY = {
-    "model": {"num_layers": 3},
-    "exits": {"depths": [1, 2]},
-    "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0, "samples": 8},
-    "train": {"tokens_per_step": 1024, "micro_batch_size": 4, "chunk_size": 256, "max_steps": 2},
-    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
-}
+pytestmark = pytest.mark.integration  # runs the stages as processes
 
 
 def _free_port() -> int:
@@ -33,24 +26,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_pipelines(tmp_path_factory, assets):
-    """Two finished pipeline executions in one store; returns (store path, experiment name)."""
+def two_pipelines(finished_run, tmp_path_factory, tracking_uri):
+    """Two finished pipeline executions in one store: the tests' finished tiny run (sampled targets)
+    and one `make pipeline` with top-k targets and a smaller budget; returns (store path, experiment)."""
     folder = tmp_path_factory.mktemp("ui")
-    store = folder / "mlflow.db"
-    for name, fmt in (("topk", "topk"), ("sampled", "sampled")):
-        cfg = small_config(folder / name, f"sqlite:///{store}", **TINY)
-        cfg["run"]["experiment"] = "ui-compare"
-        cfg["teacher"]["format"] = fmt
-        config = folder / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        # one rank: the ranks are train-exits' tests; these are about what reaches MLflow
-        proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER=", "NPROC=1"],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        # one clear line per stage transition
-        assert [line for line in proc.stdout.splitlines() if line.startswith("==> [")] == [
-            "==> [1/4] tokenize", "==> [2/4] teacher-logits", "==> [3/4] train-exits", "==> [4/4] evaluate"]
-    return store, "ui-compare"
+    config = tiny_config(folder, tracking_uri, "topk", run={"experiment": PIPELINES}, teacher={"format": "topk"},
+                         data={"train_tokens": 2048}, train={"max_steps": 2})
+    # one rank: the ranks are train-exits' tests; these are about what reaches MLflow
+    proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER=", "NPROC=1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # one clear line per stage transition
+    assert [line for line in proc.stdout.splitlines() if line.startswith("==> [")] == [
+        "==> [1/4] tokenize", "==> [2/4] teacher-logits", "==> [3/4] train-exits", "==> [4/4] evaluate"]
+    return Path(tracking_uri.removeprefix("sqlite:///")), PIPELINES
 
 
 def test_pipeline_lineage(two_pipelines):
@@ -63,7 +52,8 @@ def test_pipeline_lineage(two_pipelines):
     assert len(parents) == 2 and (parents["status"] == "FINISHED").all()
     for _, parent in parents.iterrows():
         children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
-        assert sorted(children["tags.stage"]) == ["evaluate", "teacher", "tokenize", "train-exits"]
+        stages = ["evaluate", "teacher", "tokenize", "train-exits"]  # and export-exits where the config asks
+        assert sorted(children["tags.stage"]) in (stages, sorted([*stages, "export-exits"]))
         assert (children["tags.pipeline_id"] == parent["run_id"]).all()
         assert children["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}|unknown").all()
         assert children["tags.config_hash"].str.fullmatch(r"[0-9a-f]{16}").all()
@@ -145,6 +135,7 @@ def test_compare_page_in_chromium(mlflow_ui, two_pipelines, tmp_path):
     # the UI renders the first rows of its (virtualised) metrics table: the per-exit ones come first
     for metric in ("exit1_kl", "exit1_perplexity", "exit1_top1", "exit1_speedup_b1", "exit2_kl", "exit2_perplexity"):
         assert metric in dom, f"metric {metric} is not on the compare page"
-    assert "teacher.format" in dom and "sampled" in dom  # the params that differ are shown too
+    # the params that differ are shown too (the first rows of their table: the data budget, not the format)
+    assert "data.train_tokens" in dom and "2048" in dom and "8192" in dom
     for artifact in ("config.yaml", "metrics.json", "plot.png"):
         assert artifact in dom, f"artifact {artifact} is not listed on the compare page"

@@ -129,6 +129,7 @@ def test_slurm_sizes():
             parse_bytes(bad, "m") if bad == "lots" else parse_time(bad, "m")
 
 
+@pytest.mark.integration
 def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
     command = [sys.executable, str(ROOT / "stages/run_pipeline.py"), "--config", str(ROOT / "configs/llama3-8b.yaml"),
                "--cluster", str(SITE), "--plan", f"model.backbone={LLAMA}"]
@@ -141,6 +142,7 @@ def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
     assert len(errors) == 1 and "lower train.micro_batch_size" in errors[0], refused.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_calibrate_measures_the_table_the_plan_reads(tmp_path, tracking_uri, assets):
     """`make calibrate` on a truncated real backbone: a throughput line the site config takes as is, and
     a plan of the same recipe on that site."""

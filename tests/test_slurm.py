@@ -1,5 +1,6 @@
-"""The SLURM path on a real local cluster (cluster/local/, 2 emulated nodes): array jobs, a 2-node
-train-exits job, the whole chain through `make pipeline CLUSTER=slurm`, failures and resubmission."""
+"""The SLURM path on a real local cluster (cluster/local/, 2 emulated nodes): array jobs, 2-node
+search-exits and train-exits jobs, the whole chain through `make pipeline CLUSTER=slurm`, failures,
+resubmission and a requeue at the time limit."""
 import json
 import os
 import re
@@ -13,10 +14,11 @@ import yaml
 
 from conftest import ROOT, config_file, tree_bytes
 
-pytestmark = pytest.mark.system  # a local SLURM cluster (slurmctld, slurmd, munge: Debian packages, root)
+pytestmark = [pytest.mark.system, pytest.mark.integration]  # a local SLURM cluster (slurmctld, slurmd, munge: Debian packages, root)
 
 TINY = {
     "model": {"num_layers": 3},
+    "data": {"train_tokens": 4096, "sequences_per_shard": 8},  # 4 train shards and 1 held-out
     "exits": {"depths": [1, 2]},
     "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
     "train": {"tokens_per_step": 1024, "micro_batch_size": 4, "chunk_size": 256, "max_steps": 3},
@@ -55,39 +57,50 @@ def launch(config: Path, *args: str, check: bool = True) -> subprocess.Completed
     return proc
 
 
+# exits.depths auto: search-exits is one more job of the chain, on the training resources
+AUTO = {"model": {"num_layers": 6}, "exits": {"depths": "auto", "count": 1},  # of the candidates 2 and 4
+        "search": {"stride": 2, "tokens": 1024, "heldout_tokens": 512, "cost": "layers"},
+        "train": {"max_steps": 0}}  # an epoch is 4 steps: 1 for the search, 3 for train-exits
+
+
 def test_make_pipeline_on_slurm(cluster, tmp_path, tracking_uri):
-    """`make pipeline CLUSTER=slurm`: array tokenize/teacher, 2-node training, evaluate; one parent run."""
+    """`make pipeline CLUSTER=slurm` with exits.depths auto: array tokenize/teacher, search-exits and
+    train-exits on 2 nodes (2 ranks), evaluate; train-exits and evaluate use the depths the search
+    chose; one parent run."""
     import mlflow
 
-    config = _config(tmp_path, tracking_uri, "slurm", run={"experiment": "slurm-chain"})
+    config = _config(tmp_path, tracking_uri, "slurm", run={"experiment": "slurm-chain"}, **AUTO)
     started = time.perf_counter()
     proc = subprocess.run(["make", "--no-print-directory", "pipeline", f"CONFIG={config}", "CLUSTER=slurm",
                            f"CLUSTER_CONFIG={cluster}", "WAIT=1"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     print(f"chained pipeline on the local cluster: {time.perf_counter() - started:.0f} s wall")
     run = tmp_path / "slurm"
-    assert (run / "eval/metrics.json").exists()
     assert re.search(r"submitted tokenize as job \d+ \(array tasks 0,1\)", proc.stdout)
     assert re.search(r"submitted evaluate as job \d+, after \d+", proc.stdout)
 
     jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
-    assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "train-exits", "evaluate"]
+    assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "search-exits", "train-exits", "evaluate"]
     for stage in ("tokenize", "teacher-logits"):  # one log per array task, offline as the site asks
         logs = list((run / "logs").glob(f"{stage}-*_[01].log"))
         assert len(logs) == 2 and all("(hub offline: 1)" in log.read_text() for log in logs)
-    train_log = Path(jobs[2]["log"]).read_text()
+    search_log = Path(jobs[2]["log"]).read_text()
+    assert "search-exits (candidates): 2 ranks" in search_log and "exits [" in search_log, search_log[-2000:]
+    train_log = Path(jobs[3]["log"]).read_text()
     assert "on n[1-2]: 2 processes" in train_log and "train-exits (exits): 2 ranks" in train_log, train_log[-2000:]
     assert len(re.findall(r"^step \d+/3 ", train_log, re.M)) == 3
+    chosen = json.loads((run / "search/result.json").read_text())["chosen"]
+    assert json.loads((run / "eval/metrics.json").read_text())["depths"] == chosen
 
     # array output is byte-identical to the same stages run in place by one process
-    reference = _config(tmp_path, tracking_uri, "inplace")
+    reference = _config(tmp_path, tracking_uri, "inplace", **AUTO)
     launch(reference, "--stages", "tokenize,teacher-logits")
     for stage in ("tokens", "teacher"):
         assert tree_bytes(run / stage) == tree_bytes(tmp_path / "inplace" / stage), stage
 
     status = subprocess.run(["make", "--no-print-directory", "-s", "status", f"CONFIG={config}", "CLUSTER=slurm",
                              f"CLUSTER_CONFIG={cluster}"], capture_output=True, text=True, cwd=ROOT)
-    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6, status.stdout + status.stderr
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 7, status.stdout + status.stderr
 
     # lineage: one FINISHED parent, every stage nested under it, in the same store as in-place runs
     mlflow.set_tracking_uri(tracking_uri)
@@ -95,12 +108,13 @@ def test_make_pipeline_on_slurm(cluster, tmp_path, tracking_uri):
     parent = runs[runs["tags.stage"] == "pipeline"]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
     children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
-    assert sorted(children["tags.stage"]) == ["evaluate", "teacher", "teacher", "tokenize", "tokenize", "train-exits"]
+    assert sorted(children["tags.stage"]) == ["evaluate", "search-exits", "search-exits", "teacher", "teacher",
+                                              "tokenize", "tokenize", "train-exits"]  # search: training, scoring
     assert (children["tags.pipeline_id"] == parent.iloc[0]["run_id"]).all()
-    assert parent.iloc[0]["metrics.exit1_kl"] > 0
+    assert parent.iloc[0]["metrics.exit1_kl"] > 0  # metrics go by the exit's ordinal
 
     rerun = launch(config, "--cluster", str(cluster))
-    assert rerun.stdout.count("is complete") == 4 and "(none: all complete)" in rerun.stdout
+    assert rerun.stdout.count("is complete") == 5 and "(none: all complete)" in rerun.stdout
 
 
 def test_resubmits_only_missing_tasks(cluster, tmp_path, tracking_uri):
@@ -128,24 +142,6 @@ def test_failed_task_reported_with_log(cluster, tmp_path, tracking_uri):
     assert re.search(r"teacher-logits .* CANCELLED", proc.stdout), proc.stdout
 
 
-def test_auto_depths_on_slurm(cluster, tmp_path, tracking_uri):
-    """exits.depths auto on SLURM: search-exits is one more job of the chain, on the training resources
-    (2 nodes, 2 ranks); train-exits and evaluate use the depths it chose."""
-    config = _config(tmp_path, tracking_uri, "auto", model={"num_layers": 6}, exits={"depths": "auto", "count": 2},
-                     search={"stride": 1, "tokens": 2048, "heldout_tokens": 512, "cost": "layers"},
-                     train={"max_steps": 0})
-    launch(config, "--cluster", str(cluster), "--wait")
-    run = tmp_path / "auto"
-    jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
-    assert [j["stage"] for j in jobs] == ["tokenize", "teacher-logits", "search-exits", "train-exits", "evaluate"]
-    search_log = Path(jobs[2]["log"]).read_text()
-    assert "search-exits (candidates): 2 ranks" in search_log and "exits [" in search_log, search_log[-2000:]
-    chosen = json.loads((run / "search/result.json").read_text())["chosen"]
-    assert json.loads((run / "eval/metrics.json").read_text())["depths"] == chosen
-    rerun = launch(config, "--cluster", str(cluster))
-    assert rerun.stdout.count("is complete") == 5 and "(none: all complete)" in rerun.stdout
-
-
 def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     """A teacher-logits task stopped by its time limit (SLURM signals it requeue_grace_s before) is
     requeued, resumes from its committed shards and finishes; the dependent train-exits job waits for
@@ -158,7 +154,7 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     site.update(array_tasks=1, requeue_grace_s=90, teacher={"mem": "2G", "time": "10"})
     limited = tmp_path / "limited.yaml"
     limited.write_text(yaml.safe_dump(site))
-    data = {"train_tokens": 49152}  # ~60-80 s of teacher work here, 25 shards
+    data = {"train_tokens": 49152, "sequences_per_shard": 16}  # ~60-80 s of teacher work here, 25 shards
     config = _config(tmp_path, tracking_uri, "requeue", data=data, teacher={"k": 8})
     reference = _config(tmp_path, tracking_uri, "uninterrupted", data=data, teacher={"k": 8})
     launch(config, "--stages", "tokenize")

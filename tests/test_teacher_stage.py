@@ -10,7 +10,9 @@ from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
-from conftest import BACKBONE, run_stage, small_config, tree_bytes
+from conftest import BACKBONE, run_in_process, run_stage, small_config, tree_bytes
+
+pytestmark = pytest.mark.integration  # runs the stages as processes
 
 TOKENIZE, TEACHER = "tokenize_corpus.py", "teacher_logits.py"
 SMALL = {"model": {"num_layers": 2}, "teacher": {"batch_size": 4, "chunk_size": 200, "fidelity_positions": 8}}
@@ -84,19 +86,19 @@ def test_three_tasks_identical(reference, tmp_path, tracking_uri):
 def test_refuses_mismatched_or_corrupt_tokens(reference, tmp_path):
     config, run = reference
     before = tree_bytes(run / "teacher")
-    proc = run_stage(TEACHER, "--config", config, "data.seq_len=64", check=False)
-    assert proc.returncode == 2 and "seq_len is 128, expected 64" in proc.stderr
+    code, _, stderr = run_in_process("teacher-logits", config, "data.seq_len=64")
+    assert code == 2 and "seq_len is 128, expected 64" in stderr
     from transformers import AutoTokenizer
 
     other = AutoTokenizer.from_pretrained(BACKBONE)
     other.add_tokens(["<balcony>"])
     other.save_pretrained(tmp_path / "tok")
-    proc = run_stage(TEACHER, "--config", config, f"model.tokenizer={tmp_path / 'tok'}", check=False)
-    assert proc.returncode == 2 and "tokenizer_fingerprint is" in proc.stderr
-    proc = run_stage(TEACHER, "--config", config, "model.num_layers=3", check=False)
-    assert proc.returncode == 2 and "backbone_fingerprint=" in proc.stderr
-    proc = run_stage(TEACHER, "--config", config, "teacher.k=49152", check=False)
-    assert proc.returncode == 2 and "teacher.k: must be below the vocabulary size 49152" in proc.stderr
+    code, _, stderr = run_in_process("teacher-logits", config, f"model.tokenizer={tmp_path / 'tok'}")
+    assert code == 2 and "tokenizer_fingerprint is" in stderr
+    code, _, stderr = run_in_process("teacher-logits", config, "model.num_layers=3")
+    assert code == 2 and "backbone_fingerprint=" in stderr
+    code, _, stderr = run_in_process("teacher-logits", config, "teacher.k=49152")
+    assert code == 2 and "teacher.k: must be below the vocabulary size 49152" in stderr
     assert tree_bytes(run / "teacher") == before
 
 
@@ -107,8 +109,8 @@ def test_corrupt_token_shard_is_refused_before_use(tmp_path, tracking_uri, asset
     data = bytearray(shard.read_bytes())
     data[5000] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc = run_stage(TEACHER, "--config", config, check=False)
-    assert proc.returncode == 2 and f"{shard}: sha256 is" in proc.stderr
+    code, _, stderr = run_in_process("teacher-logits", config)
+    assert code == 2 and f"{shard}: sha256 is" in stderr
     assert not (tmp_path / "run" / "teacher" / "shard-000001.tar").exists()
 
 

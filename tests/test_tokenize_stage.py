@@ -13,6 +13,8 @@ from pipeline.stage import owned_shards
 
 from conftest import BACKBONE, CORPUS, ROOT, run_stage, tree_bytes
 
+pytestmark = pytest.mark.integration  # runs the stages as processes
+
 STAGE = "tokenize_corpus.py"
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ONE_THREAD, ROOT, tiny_config
 
+pytestmark = pytest.mark.integration  # runs the stages as processes
+
 TASKS = 8
 
 
