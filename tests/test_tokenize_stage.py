@@ -11,7 +11,7 @@ from pipeline.errors import ShardError
 from pipeline.shards import MANIFEST, read_manifest, read_shard
 from pipeline.stage import owned_shards
 
-from conftest import BACKBONE, CORPUS, ROOT, run_stage, tree_bytes
+from conftest import BACKBONE, CORPUS, ROOT, run_in_process, run_stage, tree_bytes
 
 pytestmark = pytest.mark.integration  # runs the stages as processes
 
@@ -67,9 +67,11 @@ def test_shards_hold_real_documents_joined_by_eos(reference):
 def test_three_tasks_give_identical_bytes(reference, write_config, tmp_path):
     config, tokens, _ = reference
     split = write_config("split.yaml", run_dir=tmp_path / "split")
-    outputs = [run_stage(STAGE, "--config", split, "--task-index", i, "--num-tasks", 3) for i in (2, 0, 1)]
-    assert "manifest is written when the other tasks finish" in outputs[0].stdout
-    assert "wrote" in outputs[-1].stdout
+    # in this process: the task split is under test, not the command
+    outputs = [run_in_process("tokenize", split, "--task-index", str(i), "--num-tasks", "3") for i in (2, 0, 1)]
+    assert [code for code, _, _ in outputs] == [0, 0, 0], outputs[0][2][-3000:]
+    assert "manifest is written when the other tasks finish" in outputs[0][1]
+    assert "wrote" in outputs[-1][1]
     assert tree_bytes(tmp_path / "split" / "tokens") == tree_bytes(tokens)
 
 
