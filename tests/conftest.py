@@ -150,12 +150,17 @@ def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
 def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1, launcher: str = "deepspeed") -> list[str]:
     """The stage as a user starts it: one process with the machine's threads, or ranks > 1 under a
     launcher (`deepspeed` or `torchrun`) with one thread each (`OMP_NUM_THREADS=1 deepspeed ...`)."""
-    binary = str(Path(sys.executable).parent / launcher)
-    start = ([sys.executable] if ranks == 1 else
-             ["env", "OMP_NUM_THREADS=1", binary, "--num_gpus", str(ranks), "--master_port", str(free_port())]
-             if launcher == "deepspeed" else
-             ["env", "OMP_NUM_THREADS=1", binary, "--standalone", "--nproc_per_node", str(ranks)])
-    return [*start, str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
+    script = [str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
+    if ranks == 1:
+        return [sys.executable, *script]
+    ranks_flags = (["--num_gpus", str(ranks), "--master_port", str(free_port())] if launcher == "deepspeed"
+                   else ["--standalone", "--nproc_per_node", str(ranks)])
+    return ["env", "OMP_NUM_THREADS=1", str(Path(sys.executable).parent / launcher), *ranks_flags, *script]
+
+
+def pipeline_command(config: Path, *args: str) -> list[str]:
+    """The whole chain in place, as `make pipeline` starts it."""
+    return [sys.executable, str(ROOT / "stages" / "run_pipeline.py"), "--config", str(config), *args]
 
 
 def run_command(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -176,7 +181,7 @@ def finished_run(tmp_path_factory, tracking_uri, assets):
     Returns (run folder, the pipeline's output, evaluate's wall seconds); the config is RUN.yaml."""
     folder = tmp_path_factory.mktemp("finished")
     config = tiny_config(folder, tracking_uri, "run", run={"experiment": PIPELINES}, export={"after_evaluate": True})
-    proc = run_command([sys.executable, str(ROOT / "stages" / "run_pipeline.py"), "--config", str(config), "--nproc", "2"])
+    proc = run_command(pipeline_command(config, "--nproc", "2"))
     seconds = float(re.search(r"^==> evaluate done in ([\d,]+) s", proc.stdout, re.M)[1].replace(",", ""))
     return folder / "run", proc.stdout + proc.stderr, seconds
 
@@ -200,8 +205,8 @@ def stage_function(stage: str):
 def run_in_process(stage: str, config: Path, *overrides: str) -> tuple[int, str, str]:
     """The stage's body run in this process through the entry point a user's command goes through
     (`run_stage`: the command line, the config, the one-line errors): (exit code, stdout, stderr).
-    For refusals, which come before any work: it spares a new interpreter's ~6 s of imports. The
-    environment a stage sets up is undone after it."""
+    For refusals and task splits, where the stage's logic is under test and not its command: it spares
+    a new interpreter's ~6 s of imports. The environment a stage sets up is undone after it."""
     import contextlib
     import io
 

@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.search import (candidate_depths, choose_budgets, choose_count, latency_line, pareto_front,
                              served_kl)
 
-from conftest import ROOT, losses_by_step, run_command, run_in_process, stage_command, tiny_config
+from conftest import ROOT, losses_by_step, pipeline_command, run_command, run_in_process, stage_command, tiny_config
 
 
 def table(costs, losses):
@@ -107,8 +107,7 @@ def searched_run(tmp_path_factory, tracking_uri, assets):
     """The whole chain with exits.depths auto, as `make pipeline ARGS="exits.depths=auto exits.count=2"`."""
     folder = tmp_path_factory.mktemp("search")
     config = search_config(folder, tracking_uri, "run")
-    proc = run_command([stage_command("tokenize", config)[0], str(ROOT / "stages" / "run_pipeline.py"),
-                        "--config", str(config), "--nproc", "1"])
+    proc = run_command(pipeline_command(config, "--nproc", "1"))
     return folder, config, proc.stdout
 
 
