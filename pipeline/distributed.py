@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if not cuda:
+        use_the_environment_s_ninja()
         refuse_stale_build_lock("deepspeed_shm_comm")
     # a site that binds one GPU to each task shows every rank a single device 0
     index = int(env.get("LOCAL_RANK", 0)) % torch.cuda.device_count() if cuda else 0
@@ -85,6 +87,28 @@ def _build_running(directory: Path) -> bool:
         except OSError:  # gone, or not ours to read
             continue
     return False
+
+
+def use_the_environment_s_ninja() -> None:
+    """torch builds DeepSpeed's CPU op with the first `ninja` on PATH. Where a machine has two (the
+    one pip installs into the environment, and a system one that PATH finds when the environment is
+    not activated) their build logs hash the same command differently, so each rebuilds the op the
+    other built, minutes each time. Every process uses the environment's own."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if Path(bin_dir, "ninja").exists() and not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def build_cpu_collectives() -> None:
+    """DeepSpeed's shared-memory CPU collectives, JIT-built as a CPU run's first start would build
+    them (`make setup` does it once, so that no stage waits on the build); nothing on a GPU machine."""
+    if torch.cuda.is_available():
+        return
+    from deepspeed.comm.torch import build_shm_op
+
+    use_the_environment_s_ninja()
+    build_shm_op()
 
 
 def refuse_stale_build_lock(op: str) -> None:

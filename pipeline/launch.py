@@ -1,11 +1,11 @@
 """Run stages in place, or submit them to SLURM as a chain of jobs, under one MLflow parent run.
 
-In place, each stage is a child process (search-exits and train-exits under the deepspeed
-launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N writes block i of the shards),
-search-exits and train-exits multi-node jobs (cluster.train), evaluate one job, each `afterok` on
-the one before. A stage already complete is
-skipped, and of an array stage only the tasks with missing shards are submitted, so resubmitting
-after a failure or a cancel redoes only what is missing. Submitted job ids go to RUN/logs/jobs.json.
+In place, each stage is a child process (search-exits and train-exits with more than one process
+under the deepspeed launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N
+writes block i of the shards), search-exits and train-exits multi-node jobs (cluster.train), evaluate
+one job, each `afterok` on the one before. A stage already complete is skipped, and of an array
+stage only the tasks with missing shards are submitted, so resubmitting after a failure or a cancel
+redoes only what is missing. Submitted job ids go to RUN/logs/jobs.json.
 """
 from __future__ import annotations
 
@@ -97,13 +97,13 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
         if not needed(cfg, stage):
             continue
         started = time.perf_counter()
-        if stage in DEEPSPEED_STAGES:  # one process per GPU, or nproc gloo ranks sharing the CPU cores
+        if stage in DEEPSPEED_STAGES and nproc > 1:  # one process per GPU, or nproc gloo ranks sharing the CPU cores
             # a free rendezvous port: DeepSpeed's default 29500 collides with any other run on this machine
             command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
                        "--master_port", str(free_port()), *stage_command(stage, config, overrides)]
             threads = str(max(1, (os.cpu_count() or 1) // nproc))  # more threads than cores: 25-100x slower
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        else:
+        else:  # one process needs no launcher (its ~10 s of start-up)
             command, env = [sys.executable, *stage_command(stage, config, overrides)], None
         if subprocess.run(command, cwd=os.getcwd(), env=env).returncode != 0:
             fail_pipeline(cfg)  # also when the stage refused its input before opening its own run

@@ -1,15 +1,24 @@
-"""Shared fixtures: the embedded assets, small configs written to a temp dir, a shared MLflow store."""
+"""Shared fixtures: the embedded assets, small configs written to a temp dir, an MLflow store per
+worker, the finished tiny pipeline; and how `make test`'s parallel workers share them."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Under `pytest -n N` several tests share the cores: every process a test starts (and this one)
+    # computes on one thread, as `OMP_NUM_THREADS=1 deepspeed ...` ranks do, instead of spinning
+    # threads against each other. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import yaml
+from filelock import FileLock
 
 from pipeline.distributed import free_port
 from pipeline.registry import STAGES
@@ -36,7 +45,7 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
-    """One MLflow store for the whole session: creating a store costs seconds."""
+    """One MLflow store per pytest process (each worker has its own): creating a store costs seconds."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
@@ -85,17 +94,62 @@ def losses_by_step(stdout: str) -> dict[int, list[float]]:
 
 # ---------------------------------------------------------------- parallel workers (`make test`)
 
-# Files that share a session fixture (the finished tiny pipeline, the ledger) run on one worker.
-SHARED_WORKER = {name: "tiny_pipeline" for name in ("test_bad_input.py", "test_faults.py", "test_mlflow_ui.py",
-                                                    "test_train_exits.py")}
+# Files whose tests share a module fixture that is not built_once (a local SLURM cluster, an MLflow UI
+# server) run on one worker; every other test goes to whichever worker is free.
+ONE_WORKER = ("test_slurm.py", "test_mlflow_ui.py")
+# Fixtures made by built_once (one per session, whichever worker asks first builds it; the others wait).
+BUILT_ONCE = ("finished_run", "foreign", "searched_run", "reference", "grouped")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
-    """Under `pytest -n N --dist loadgroup`, keep each file on one worker, so its module fixtures
-    (a SLURM cluster, a trained run) are built once."""
+    """Order the tests for `pytest -n N --dist loadgroup --no-loadscope-reorder` (a plain `pytest`
+    runs them in the same order) and group those that must share a worker. First the longest chain
+    (SLURM); then one reader of each built_once fixture, so that the fixtures are built side by side;
+    then the integration tests that need none, which keep the other workers busy meanwhile; then the
+    fixtures' other readers, which now find them built; the fast unit tests fill the end."""
+    first_readers = set()
+    def phase(item) -> int:
+        if item.path.name == "test_slurm.py":
+            return 0
+        shared = {name if name == "finished_run" else f"{item.path.name}:{name}"  # module fixtures share names
+                  for name in item.fixturenames if name in BUILT_ONCE}
+        if shared - first_readers:
+            first_readers.update(shared)
+            return 1
+        if shared:  # the kills and training runs before the many short refusals
+            return 3 if item.path.name in ("test_faults.py", "test_train_exits.py", "test_mlflow_ui.py") else 4
+        return 2 if item.get_closest_marker("integration") else 5
+
+    phases = {item.nodeid: phase(item) for item in items}
+    items.sort(key=lambda item: phases[item.nodeid])
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(name, name)))
+        if item.path.name in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)` once per test session however many workers ask for it: the first holds a file
+    lock while it builds and leaves the pickled result; the others wait for it and read it. A build
+    that failed fails every test that asks, without building again."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each worker's
+    result = shared / f"{name}.pickle"
+    with FileLock(shared / f"{name}.lock"):
+        if not result.exists():
+            folder = shared / name
+            folder.mkdir()
+            try:
+                value = build(folder)
+            except BaseException as e:  # pytest's own failures are BaseExceptions
+                result.write_bytes(pickle.dumps((False, f"{type(e).__name__}: {str(e)[-3000:]}")))
+                raise
+            result.write_bytes(pickle.dumps((True, value)))
+    built, value = pickle.loads(result.read_bytes())
+    if not built:
+        pytest.fail(f"building {name} failed on another worker: {value}")
+    return value
 
 
 # ---------------------------------------------------------------- fault and bad-input ledger
@@ -109,12 +163,26 @@ def ledger():
     def record(category: str, case: str, outcome: str) -> None:
         LEDGER.append({"category": category, "case": case, "outcome": outcome})
 
-    yield record
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return record
+
+
+def pytest_testnodedown(node, error):
+    """(xdist's controller) a worker's ledger joins this process's."""
+    LEDGER.extend(json.loads(node.workeroutput.get("ledger", "[]")))
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a worker: the controller writes the report
+        workeroutput["ledger"] = json.dumps(LEDGER)
+        return
+    if not LEDGER:
+        return
     counts: dict[str, int] = {}
     for entry in LEDGER:
         key = f"{entry['category']}: {entry['outcome']}"
         counts[key] = counts.get(key, 0) + 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "fault-report.json").write_text(json.dumps({"summary": counts, "cases": LEDGER}, indent=1))
 
 
@@ -148,8 +216,9 @@ def tiny_config(folder: Path, tracking_uri: str, name: str, **extra) -> Path:
 
 
 def stage_command(stage: str, config: Path, *overrides: str, ranks: int = 1, launcher: str = "deepspeed") -> list[str]:
-    """The stage as a user starts it: one process with the machine's threads, or ranks > 1 under a
-    launcher (`deepspeed` or `torchrun`) with one thread each (`OMP_NUM_THREADS=1 deepspeed ...`)."""
+    """The stage as a user starts it: one process (with the machine's threads, or one under parallel
+    test workers), or ranks > 1 under a launcher (`deepspeed` or `torchrun`) with one thread each
+    (`OMP_NUM_THREADS=1 deepspeed ...`)."""
     script = [str(ROOT / "stages" / STAGES[stage].script), "--config", str(config), *overrides]
     if ranks == 1:
         return [sys.executable, *script]
@@ -174,16 +243,20 @@ PIPELINES = "pipelines"  # the MLflow experiment of the tests' whole-pipeline ru
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory, tracking_uri, assets):
+def finished_run(tmp_path_factory, assets):
     """The whole tiny pipeline, uninterrupted, as `make pipeline` runs it: tokenize, teacher-logits,
     train-exits (2 ranks under deepspeed), evaluate, export-exits (export.after_evaluate). The reference
     of the fault and bad-input suites, and the run train-exits', export's and MLflow's tests read.
-    Returns (run folder, the pipeline's output, evaluate's wall seconds); the config is RUN.yaml."""
-    folder = tmp_path_factory.mktemp("finished")
-    config = tiny_config(folder, tracking_uri, "run", run={"experiment": PIPELINES}, export={"after_evaluate": True})
-    proc = run_command(pipeline_command(config, "--nproc", "2"))
-    seconds = float(re.search(r"^==> evaluate done in ([\d,]+) s", proc.stdout, re.M)[1].replace(",", ""))
-    return folder / "run", proc.stdout + proc.stderr, seconds
+    Returns (run folder, the pipeline's output, evaluate's wall seconds); the config is RUN.yaml, and
+    its MLflow store (experiment PIPELINES) is the folder's own."""
+    def build(folder: Path):
+        config = tiny_config(folder, f"sqlite:///{folder / 'mlflow.db'}", "run", run={"experiment": PIPELINES},
+                             export={"after_evaluate": True})
+        proc = run_command(pipeline_command(config, "--nproc", "2"))
+        seconds = float(re.search(r"^==> evaluate done in ([\d,]+) s", proc.stdout, re.M)[1].replace(",", ""))
+        return folder / "run", proc.stdout + proc.stderr, seconds
+
+    return built_once(tmp_path_factory, "finished", build)
 
 
 def stage_module(stage: str):

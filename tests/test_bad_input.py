@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.train_data import TrainBatches
 from pipeline.training import weights_only_checkpoint_engine
 
-from conftest import BACKBONE, ROOT, run_in_process, stage_command, tiny_config, tree_bytes
+from conftest import BACKBONE, ROOT, built_once, run_in_process, stage_command, tiny_config, tree_bytes
 
 # consumer stage -> (the inputs it reads, the folder damaged, the shard damaged (split, index, file), its output)
 CONSUMERS = {
@@ -59,12 +59,14 @@ CORRUPTIONS = {
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory, tracking_uri, assets):
     """Tokens and targets of another run (another data seed): where foreign shards come from."""
-    folder = tmp_path_factory.mktemp("foreign")
-    config = tiny_config(folder, tracking_uri, "run", data={"seed": 7})
-    for stage in ("tokenize", "teacher-logits"):
-        code, _, stderr = run_in_process(stage, config)
-        assert code == 0, stderr[-3000:]
-    return folder / "run"
+    def build(folder: Path) -> Path:
+        config = tiny_config(folder, tracking_uri, "run", data={"seed": 7})
+        for stage in ("tokenize", "teacher-logits"):
+            code, _, stderr = run_in_process(stage, config)
+            assert code == 0, stderr[-3000:]
+        return folder / "run"
+
+    return built_once(tmp_path_factory, "foreign", build)
 
 
 def first_train_shard(stage_dir: Path, cfg) -> str:

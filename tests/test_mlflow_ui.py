@@ -26,10 +26,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_pipelines(finished_run, tmp_path_factory, tracking_uri):
+def two_pipelines(finished_run, tmp_path_factory):
     """Two finished pipeline executions in one store: the tests' finished tiny run (sampled targets)
-    and one `make pipeline` with top-k targets and a smaller budget; returns (store path, experiment)."""
+    and one `make pipeline` with top-k targets and a smaller budget, in its store; returns (store path,
+    experiment)."""
     folder = tmp_path_factory.mktemp("ui")
+    store = finished_run[0].parent / "mlflow.db"
+    tracking_uri = f"sqlite:///{store}"
     config = tiny_config(folder, tracking_uri, "topk", run={"experiment": PIPELINES}, teacher={"format": "topk"},
                          data={"train_tokens": 2048}, train={"max_steps": 2})
     # one rank: the ranks are train-exits' tests; these are about what reaches MLflow
@@ -39,7 +42,7 @@ def two_pipelines(finished_run, tmp_path_factory, tracking_uri):
     # one clear line per stage transition
     assert [line for line in proc.stdout.splitlines() if line.startswith("==> [")] == [
         "==> [1/4] tokenize", "==> [2/4] teacher-logits", "==> [3/4] train-exits", "==> [4/4] evaluate"]
-    return Path(tracking_uri.removeprefix("sqlite:///")), PIPELINES
+    return store, PIPELINES
 
 
 def test_pipeline_lineage(two_pipelines):

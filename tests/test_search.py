@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.search import (candidate_depths, choose_budgets, choose_count, latency_line, pareto_front,
                              served_kl)
 
-from conftest import ROOT, losses_by_step, pipeline_command, run_command, run_in_process, stage_command, tiny_config
+from conftest import ROOT, built_once, losses_by_step, pipeline_command, run_command, run_in_process, stage_command, tiny_config
 
 
 def table(costs, losses):
@@ -105,10 +105,11 @@ def search_config(folder, tracking_uri, name, **extra):
 @pytest.fixture(scope="module")
 def searched_run(tmp_path_factory, tracking_uri, assets):
     """The whole chain with exits.depths auto, as `make pipeline ARGS="exits.depths=auto exits.count=2"`."""
-    folder = tmp_path_factory.mktemp("search")
-    config = search_config(folder, tracking_uri, "run")
-    proc = run_command(pipeline_command(config, "--nproc", "1"))
-    return folder, config, proc.stdout
+    def build(folder):
+        config = search_config(folder, tracking_uri, "run")
+        return folder, config, run_command(pipeline_command(config, "--nproc", "1")).stdout
+
+    return built_once(tmp_path_factory, "searched", build)
 
 
 @pytest.mark.integration

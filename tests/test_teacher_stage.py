@@ -12,7 +12,7 @@ from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
-from conftest import BACKBONE, run_in_process, run_stage, small_config, tree_bytes
+from conftest import BACKBONE, built_once, run_in_process, run_stage, small_config, tree_bytes
 
 pytestmark = pytest.mark.integration  # runs the stages as processes
 
@@ -31,11 +31,13 @@ def _config(folder, tracking_uri, name="config.yaml", run="run", **sections):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tracking_uri, assets):
-    folder = tmp_path_factory.mktemp("teacher")
-    config = _config(folder, tracking_uri)
-    run_stage(TOKENIZE, "--config", config)
-    run_stage(TEACHER, "--config", config)
-    return config, folder / "run"
+    def build(folder):
+        config = _config(folder, tracking_uri)
+        run_stage(TOKENIZE, "--config", config)
+        run_stage(TEACHER, "--config", config)
+        return config, folder / "run"
+
+    return built_once(tmp_path_factory, "teacher", build)
 
 
 def test_targets_align_with_tokens_and_match_the_model(reference):

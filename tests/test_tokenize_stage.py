@@ -11,7 +11,7 @@ from pipeline.errors import ShardError
 from pipeline.shards import MANIFEST, read_manifest, read_shard
 from pipeline.stage import owned_shards
 
-from conftest import BACKBONE, CORPUS, ROOT, run_in_process, run_stage, tree_bytes
+from conftest import BACKBONE, CORPUS, ROOT, built_once, run_in_process, run_stage, tree_bytes
 
 pytestmark = pytest.mark.integration  # runs the stages as processes
 
@@ -25,11 +25,12 @@ def reference(tmp_path_factory, tracking_uri, assets):
 
     from conftest import small_config
 
-    folder = tmp_path_factory.mktemp("reference")
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump(small_config(folder / "run", tracking_uri)))
-    proc = run_stage(STAGE, "--config", config)
-    return config, folder / "run" / "tokens", proc
+    def build(folder):
+        config = folder / "config.yaml"
+        config.write_text(yaml.safe_dump(small_config(folder / "run", tracking_uri)))
+        return config, folder / "run" / "tokens", run_stage(STAGE, "--config", config)
+
+    return built_once(tmp_path_factory, "tokenized", build)
 
 
 def test_budget_manifest_and_noop_rerun(reference):
@@ -151,11 +152,11 @@ def refused_before_work(config, run_dir, error: str) -> None:
     assert not run_dir.exists()
 
 
-def test_stage_logs_an_mlflow_run(reference, tracking_uri):
+def test_stage_logs_an_mlflow_run(reference):
     import mlflow
 
     config, tokens, _ = reference
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(load_config(config).run.tracking_uri)  # the store of the worker that ran it
     experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'tokenize' and tags.task = '0/1'")
     run = next(r for r in runs if r.data.tags["run_dir"] == str(tokens.parent))
@@ -209,14 +210,16 @@ def grouped(tmp_path_factory, tracking_uri, assets):
 
     from conftest import small_config
 
-    folder = tmp_path_factory.mktemp("grouped")
-    for path in CORPUS.glob("*.jsonl"):
-        shutil.copy(path, folder / path.name)
-    data = {"files": [str(folder / "*.jsonl")], "read_groups": 3, "train_tokens": 16384}
-    config = folder / "one.yaml"
-    config.write_text(yaml.safe_dump(small_config(folder / "one", tracking_uri, data=data)))
-    run_stage(STAGE, "--config", config)
-    return folder, data, folder / "one" / "tokens"
+    def build(folder):
+        for path in CORPUS.glob("*.jsonl"):
+            shutil.copy(path, folder / path.name)
+        data = {"files": [str(folder / "*.jsonl")], "read_groups": 3, "train_tokens": 16384}
+        config = folder / "one.yaml"
+        config.write_text(yaml.safe_dump(small_config(folder / "one", tracking_uri, data=data)))
+        run_stage(STAGE, "--config", config)
+        return folder, data, folder / "one" / "tokens"
+
+    return built_once(tmp_path_factory, "grouped", build)
 
 
 def test_read_groups_give_the_same_bytes_for_any_task_count(grouped, write_config, tmp_path):

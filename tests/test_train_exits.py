@@ -132,12 +132,13 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(finished_run,
     table = (out / "table.md").read_text()
     assert "| exit@1 |" in table and "| tuned@2 |" in table and "| ce@2 |" in table
     assert f"Quality on {ood} (256 tokens)" in table
-    assert "nothing to do" in run_command(stage_command("evaluate", config, *overrides)).stdout
+    # reruns in this process: what they decide is under test, not the command line
+    assert "nothing to do" in run_in_process("evaluate", config, *overrides)[1]
     # other inputs: scored again, not refused; also after a run killed before its metrics were written
-    rescored = run_command(stage_command("evaluate", config, *overrides[:-2])).stdout
+    rescored = run_in_process("evaluate", config, *overrides[:-2], "eval.speed=false")[1]
     assert "scoring again" in rescored and not json.loads((out / "metrics.json").read_text())["other_data"]
     (out / "metrics.json").unlink()
-    assert "scoring again" in run_command(stage_command("evaluate", config, *overrides, "eval.speed=false")).stdout
+    assert "scoring again" in run_in_process("evaluate", config, *overrides, "eval.speed=false")[1]
     code, _, stderr = run_in_process("evaluate", config, "model.num_layers=4", *overrides)
     assert code == 2 and "backbone_fingerprint is" in stderr  # exits from another backbone
 
