@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
 from pipeline.decoder import check_supported, text_decoder
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.shards import atomic_write, file_sha256
 
 
@@ -72,7 +74,9 @@ def weights_dir(model: ModelConfig) -> Path:
 
 
 def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
-    """The frozen causal LM: safetensors weights only, eval mode, no gradients."""
+    """The frozen causal LM: safetensors weights only, eval mode, no gradients. With
+    `model.tensor_parallel` N > 1, split across each group of N consecutive ranks by the model's own
+    tensor-parallel plan (transformers'), each rank reading only its slices of the weight files."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -85,10 +89,13 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     if model.num_layers:  # the dropped layers' weights are reported as unexpected: that is the point
         transformers_logging.set_verbosity_error()
     try:
-        backbone = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=resolve_dtype(model, device), use_safetensors=True,
-            trust_remote_code=model.trust_remote_code, **overrides,
-        )
+        with tensor_parallel_loading(model, folder, device) as parallel:
+            backbone = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=resolve_dtype(model, device), use_safetensors=True,
+                trust_remote_code=model.trust_remote_code, **parallel, **overrides,
+            )
+    except ConfigError:  # model.tensor_parallel's, as it is
+        raise
     except (OSError, ValueError) as e:
         raise InputError(f"model.backbone: cannot load {folder} ({str(e).splitlines()[0]})") from None
     finally:
@@ -97,6 +104,56 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     check_supported(backbone)  # before any work: a model Balcony cannot run layer by layer is refused here
     backbone.requires_grad_(False)
     return backbone.eval().to(device)
+
+
+def check_tensor_parallel(config, size: int, where: str) -> None:
+    """A tensor-parallel rank holds whole attention heads: N must divide the query and KV heads."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if size > 1 and (heads is None or heads % size or kv_heads % size):
+        raise ConfigError(f"model.tensor_parallel: {size} does not divide the {heads} attention heads and {kv_heads} "
+                          f"KV heads of {where}; choose a divisor of {math.gcd(heads or 1, kv_heads or 1)}")
+
+
+@contextmanager
+def tensor_parallel_loading(model: ModelConfig, folder: Path, device: torch.device):
+    """from_pretrained's arguments for `model.tensor_parallel` (none for 1).
+
+    transformers builds its device mesh over the whole world; here the world may hold several groups
+    of N ranks (the exits' data parallelism), and each group splits its own copy of the backbone. So
+    the mesh it would build is replaced by one whose tensor-parallel axis is this rank's group (the
+    other axes, which transformers would apply FSDP over, have size 1): transformers 5.24's
+    `initialize_distributed_mesh`, which setup.py pins."""
+    size = model.tensor_parallel
+    if size == 1:
+        yield {}
+        return
+    from transformers import AutoConfig
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed import mixin
+    from transformers.distributed.utils import TransformersDeviceMesh
+
+    check_tensor_parallel(AutoConfig.from_pretrained(folder, trust_remote_code=model.trust_remote_code).get_text_config(),
+                          size, folder / "config.json")
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % size:
+        raise ConfigError(f"model.tensor_parallel: {size} does not divide the {world} ranks of this run: start a "
+                          f"multiple of {size} processes (torchrun --nproc-per-node {size}, srun --ntasks-per-node {size})")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    groups = world // size
+    dense = dist.init_device_mesh(device_type, (groups, 1, 1, 1, size),
+                                  mesh_dim_names=("groups", "pp", "dp_replicate", "fsdp", "tp"))
+    expert = dist.init_device_mesh(device_type, (groups, 1, 1, size, 1),
+                                   mesh_dim_names=("groups", "pp", "dp_replicate", "efsdp", "ep"))
+    meshes = TransformersDeviceMesh(dense[("pp", "dp_replicate", "fsdp", "tp")],
+                                    expert[("pp", "dp_replicate", "efsdp", "ep")])
+    original = mixin.initialize_distributed_mesh
+    mixin.initialize_distributed_mesh = lambda config: (device, meshes)
+    try:
+        yield {"distributed_config": DistributedConfig(tp_size=size)}
+    finally:
+        mixin.initialize_distributed_mesh = original
 
 
 def backbone_on_meta(model: ModelConfig):

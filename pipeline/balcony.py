@@ -25,14 +25,13 @@ listed in the README. An exit layer gets the arguments of the layer it was copie
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.decoder import Decoder, assign_cache_slot
+from pipeline.decoder import Decoder, assign_cache_slot, replicated
 from pipeline.errors import ConfigError, InputError
 from pipeline.shards import FORMAT_VERSION, atomic_write, check_format_version
 WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
@@ -75,7 +74,7 @@ class TunedLens(nn.Module):
 def make_exit(decoder: Decoder, depth: int, kind: str, init: str) -> Exit:
     source = depth if init == "next_layer" else decoder.num_layers - 1  # the layer an exit is a copy of
     if kind == "tuned_lens":
-        norm = copy.deepcopy(decoder.norm).requires_grad_(False)  # the lens reads through the model's own norm
+        norm = replicated(decoder.norm).requires_grad_(False)  # the lens reads through the model's own norm
         translator = TunedLens(decoder.config.hidden_size).to(decoder.norm.weight.dtype)
         return Exit(translator.requires_grad_(True), norm, source, decoder.types[source])
     if init == "next_layer":
@@ -84,7 +83,7 @@ def make_exit(decoder: Decoder, depth: int, kind: str, init: str) -> Exit:
         norm = getattr(decoder.layers[depth], "input_layernorm", None)
         if norm is None:  # e.g. OLMo 2's layers norm after attention, not before: start from the final norm
             norm = decoder.norm
-    exit_ = Exit(copy.deepcopy(decoder.layers[source]), copy.deepcopy(norm), source, decoder.types[source])
+    exit_ = Exit(replicated(decoder.layers[source]), replicated(norm), source, decoder.types[source])
     return exit_.requires_grad_(True)
 
 
@@ -98,6 +97,17 @@ def read_exits_config(exits_dir: Path) -> dict:
     return meta
 
 
+def gather_group_inputs(input_ids: torch.Tensor, group) -> tuple[torch.Tensor, slice]:
+    """Every rank's [B, T] inputs of a tensor-parallel group stacked, and where this rank's are in them."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    pieces = [torch.empty_like(input_ids) for _ in range(size)]
+    dist.all_gather(pieces, input_ids.contiguous(), group=group)
+    batch = input_ids.shape[0]
+    return torch.cat(pieces), slice(rank * batch, (rank + 1) * batch)
+
+
 class BalconyModel(nn.Module):
     def __init__(self, backbone, depths: list[int], kind: str = "balcony", init: str = "last_layer"):
         super().__init__()
@@ -106,7 +116,11 @@ class BalconyModel(nn.Module):
         if kind not in KINDS or init not in INITS:
             raise ConfigError(f"exits: kind must be one of {KINDS} and init one of {INITS}, got {kind!r}, {init!r}")
         backbone.requires_grad_(False)
-        self.backbone, self.depths, self.kind, self.init = backbone, sorted(depths), kind, init
+        self.depths, self.kind, self.init = sorted(depths), kind, init
+        if self.decoder.tensor_parallel is None:
+            self.backbone = backbone
+        else:  # not a submodule: DeepSpeed, which sees submodules, would broadcast rank 0's slices to every rank
+            object.__setattr__(self, "backbone", backbone)
         self.meta: dict = {}  # balcony_config.json of exits loaded by from_pretrained (e.g. their objective)
         self.exits = nn.ModuleDict({str(k): make_exit(self.decoder, k, kind, init) for k in self.depths})
         for k, exit_ in self.exits.items():  # in a depth-k model the exit layer is layer k: its KV cache slot
@@ -127,8 +141,13 @@ class BalconyModel(nn.Module):
         given, receives the backbone's own hidden state at each exit depth (for the logit lens).
 
         The frozen prefix runs without autograd; only the exits build a graph.
+        Split tensor-parallel, the prefix runs on the inputs of every rank of the group at once, and
+        each rank's exits on its own (the rank's data is its own, as in plain data parallelism).
         """
         decoder = self.decoder
+        own = None
+        if decoder.tensor_parallel is not None:
+            input_ids, own = gather_group_inputs(input_ids, decoder.tensor_parallel)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         stop = self.num_layers if full else self.depths[-1]
         with torch.no_grad():
@@ -141,13 +160,15 @@ class BalconyModel(nn.Module):
                 hidden = layer(hidden, **arguments[decoder.types[index]])
             depth = index + 1
             if str(depth) in self.exits:
+                mine = hidden if own is None else hidden[own]
                 if taps is not None:
-                    taps[depth] = hidden
+                    taps[depth] = mine
                 exit_ = self.exits[str(depth)]
-                exits[depth] = exit_.norm(exit_.layer(hidden, **arguments[exit_.layer_type]))
+                own_arguments = arguments[exit_.layer_type]  # masks and rotary broadcast over the batch
+                exits[depth] = exit_.norm(exit_.layer(mine, **own_arguments))
         if full:
             with torch.no_grad():
-                final = decoder.norm(hidden)
+                final = decoder.norm(hidden if own is None else hidden[own])
         return exits, final
 
     # ------------------------------------------------------------ inference

@@ -56,6 +56,9 @@ class ModelConfig:
     """Keep only the first N layers (fast tests); 0 keeps all."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (never by default)."""
+    tensor_parallel: int = _num(1, gt=0, execution=True)
+    """Split the frozen backbone across groups of this many ranks (GPUs of a node), for a backbone too large
+    for one device; the exits train data-parallel across all ranks. Must divide the attention and KV heads."""
 
     def validate(self, path: str) -> None:
         if not self.backbone:

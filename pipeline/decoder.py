@@ -12,6 +12,10 @@ themselves, and `Decoder` gives each layer what the model's own forward would gi
 - the final norm, and the head: `lm_head`, then Granite's `logits_scaling` and Gemma's
   `final_logit_softcapping`.
 
+A backbone loaded tensor-parallel (`model.tensor_parallel`) runs the same way: its layers are split
+across a group of ranks by transformers, which all call them on the same input. What is trained or
+run on one rank's own data (the exits, the head under them) is `replicated`: a plain copy, whole.
+
 What each family needs is read from its modules and config, not from a list of families; the
 family matrix in tests/test_families.py checks every path against the model's own forward.
 Models without this layout (encoder-decoders, multimodal wrappers, no rotary module) are refused
@@ -95,6 +99,30 @@ def _mask_functions() -> dict:
     return {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask, CHUNKED: create_chunked_causal_mask}
 
 
+def replicated(module: nn.Module) -> nn.Module:
+    """A copy of `module` that runs on one rank alone: a tensor-parallel module's weight slices gathered
+    whole (every rank of its group must call this) and its communicating forward dropped; any other
+    module deep-copied."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {id(p): nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)  # deepcopy's memo: used
+             for p in module.parameters() if isinstance(p, DTensor)}                # in place of the slices
+    clone = copy.deepcopy(module, whole)
+    for part in clone.modules():
+        part.__dict__.pop("forward", None)  # transformers' tensor parallelism replaces forward per instance
+    return clone
+
+
+def tensor_parallel_group(module: nn.Module):
+    """The process group a tensor-parallel module is split across; None when it is whole."""
+    from torch.distributed.tensor import DTensor
+
+    for parameter in module.parameters():
+        if isinstance(parameter, DTensor):
+            return parameter.device_mesh.get_group()
+    return None
+
+
 class Decoder:
     """A loaded HF causal LM seen as embeddings -> layers -> norm -> head."""
 
@@ -104,6 +132,10 @@ class Decoder:
         self.types = layer_types(self.config)
         rotary = inspect.signature(self.inner.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary  # Gemma 3: local and global RoPE from one module
+        self.tensor_parallel = tensor_parallel_group(backbone)
+        # Split, the head would gather each rank's logits for the inputs of every rank of its group: a rank
+        # scoring positions of its own (an exit's loss) needs it whole. ~V x d more bytes per rank.
+        self.head = replicated(backbone.lm_head) if self.tensor_parallel is not None else backbone.lm_head
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -134,7 +166,7 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head on normed hidden states, with the model's own output scaling and softcapping."""
-        logits = self.backbone.lm_head(hidden)
+        logits = self.head(hidden)
         scaling = getattr(self.config, "logits_scaling", None)  # Granite
         if scaling is not None:
             logits = logits / scaling

@@ -1,7 +1,8 @@
 """Run stages in place, or submit them to SLURM as a chain of jobs, under one MLflow parent run.
 
-In place, each stage is a child process (search-exits and train-exits with more than one process
-under the deepspeed launcher). On SLURM, tokenize and teacher-logits are array jobs (task i of N
+In place, each stage is a child process, under the deepspeed launcher when it has more than one:
+search-exits and train-exits with --nproc ranks, and every stage that runs the backbone with
+model.tensor_parallel > 1 (a group of that many). On SLURM, tokenize and teacher-logits are array jobs (task i of N
 writes block i of the shards), search-exits and train-exits multi-node jobs (cluster.train), evaluate
 one job, each `afterok` on the one before. A stage already complete is skipped, and of an array
 stage only the tasks with missing shards are submitted, so resubmitting after a failure or a cancel
@@ -17,12 +18,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config import AUTO, ClusterConfig, Config, JobConfig
+from pipeline.config import AUTO, ClusterConfig, Config, ConfigError, JobConfig
 from pipeline.corpus import plan_shards
 from pipeline.distributed import free_port
 from pipeline.errors import InputError, PipelineError
 from pipeline.shards import atomic_write, completed_record
-from pipeline.registry import EXPORT_EXITS, SEARCH_EXITS, STAGES, TRAIN_EXITS, export_folder
+from pipeline.registry import EXPORT_EXITS, SEARCH_EXITS, STAGES, TOKENIZE, TRAIN_EXITS, export_folder
 from pipeline.search import resolve_depths
 from pipeline.stage import owned_shards
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
@@ -89,6 +90,17 @@ def open_parent(cfg: Config) -> None:
 # ---------------------------------------------------------------- in place
 
 
+def stage_processes(cfg: Config, stage: str, nproc: int) -> int:
+    """Processes of a stage run in place: `nproc` ranks for training (a multiple of model.tensor_parallel,
+    which is the least), one tensor-parallel group for the other stages that run the backbone."""
+    split = cfg.model.tensor_parallel
+    if stage in DEEPSPEED_STAGES:
+        if nproc % split and nproc > split:
+            raise ConfigError(f"--nproc: {nproc} ranks are not whole groups of model.tensor_parallel {split}")
+        return max(nproc, split)
+    return 1 if stage == TOKENIZE.name else split
+
+
 def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[str], nproc: int) -> None:
     if stages == chain(cfg):
         open_parent(cfg)
@@ -97,11 +109,12 @@ def run_in_place(cfg: Config, config: Path, overrides: list[str], stages: list[s
         if not needed(cfg, stage):
             continue
         started = time.perf_counter()
-        if stage in DEEPSPEED_STAGES and nproc > 1:  # one process per GPU, or nproc gloo ranks sharing the CPU cores
+        processes = stage_processes(cfg, stage, nproc)
+        if processes > 1:  # one process per GPU, or gloo ranks sharing the CPU cores
             # a free rendezvous port: DeepSpeed's default 29500 collides with any other run on this machine
-            command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+            command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes),
                        "--master_port", str(free_port()), *stage_command(stage, config, overrides)]
-            threads = str(max(1, (os.cpu_count() or 1) // nproc))  # more threads than cores: 25-100x slower
+            threads = str(max(1, (os.cpu_count() or 1) // processes))  # more threads than cores: 25-100x slower
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
         else:  # one process needs no launcher (its ~10 s of start-up)
             command, env = [sys.executable, *stage_command(stage, config, overrides)], None

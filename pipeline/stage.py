@@ -70,6 +70,24 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
 Shard = tuple[str, int]  # (split, index)
 
 
+def writes_files() -> bool:
+    """Whether this process writes its task's files: the only one, or rank 0 of a task's processes."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_zero_view(*values):
+    """`values` as rank 0 of a multi-process task sees them (one decision, however the files change)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    shared = list(values)
+    dist.broadcast_object_list(shared, src=0)
+    return tuple(shared)
+
+
 def owned_shards(shards: list, index: int, count: int) -> list:
     """Task `index` of `count` owns a contiguous block of the shard list (train, then held-out): with
     read groups, a task's block touches only a few groups, so it reads only those."""
@@ -87,18 +105,26 @@ def run_sharded(
     summary: Callable[[], dict] | None = None,
 ) -> dict | None:
     """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
-    `summary()`: fields the manifest adds when the set is complete.
+    `summary()`: fields the manifest adds when the set is complete. A task of several processes (the
+    ranks of a tensor-parallel group) runs `write` on each, on rank 0's view of what is to do; only
+    rank 0 writes files (`writes_files`) and tracks.
 
     Returns the manifest once the set is complete (now or earlier), else None.
     """
-    claim_directory(out, header)  # refuses a directory written from other inputs
-    if (out / MANIFEST).exists():
+    lead = writes_files()
+    claim_directory(out, header, write=lead)  # refuses a directory written from other inputs
+    shards = [(split, index) for split, count in counts.items() for index in range(count)]
+    index, count = task
+    complete = (out / MANIFEST).exists()
+    todo = [s for s in owned_shards(shards, index, count) if completed_record(out, *s) is None]
+    complete, todo = rank_zero_view(complete, todo)
+    if complete:
         manifest = read_manifest(out, stage, expect=header)
         print(f"{stage}: {out} is complete ({manifest['splits']['train']['tokens']:,} train tokens); nothing to do")
         return manifest
-    shards = [(split, index) for split, count in counts.items() for index in range(count)]
-    index, count = task
-    todo = [s for s in owned_shards(shards, index, count) if completed_record(out, *s) is None]
+    if not lead:  # computes beside rank 0, which writes
+        write(todo, Tracker())
+        return None
     print(f"{stage}: task {index}/{count}: {len(todo)} of {len(shards)} shards to write into {out}")
     with stage_run(cfg, stage, header["config_hash"], task) as tracker:
         start = time.perf_counter()

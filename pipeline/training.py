@@ -48,6 +48,11 @@ def uses_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
+    """Micro-batches per rank per step; refuses a recipe the ranks cannot run (before any work)."""
+    if cfg.model.tensor_parallel > 1 and cfg.train.zero_stage == 3:
+        raise ConfigError(f"train.zero_stage: 3 partitions the backbone, which model.tensor_parallel "
+                          f"{cfg.model.tensor_parallel} already splits; use ZeRO-1 or 2 (they partition the exits' "
+                          "optimizer states and gradients over every rank)")
     per_micro_step = cfg.data.seq_len * cfg.train.micro_batch_size * world
     if cfg.train.tokens_per_step % per_micro_step:
         raise ConfigError(
@@ -205,7 +210,8 @@ def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: 
         if not cfg.train.max_steps and unused:
             print(f"{stage.name} ({name}): {unused} of {batches.samples} train sequences unused per epoch "
                   f"({batches.dropped} do not fill {world} equal blocks of whole micro-batches, the rest a whole step)")
-        print(f"{stage.name} ({name}): {world} ranks, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
+        split = f" (tensor-parallel groups of {cfg.model.tensor_parallel})" if cfg.model.tensor_parallel > 1 else ""
+        print(f"{stage.name} ({name}): {world} ranks{split}, ZeRO-{cfg.train.zero_stage}, {'bf16' if bf16 else 'fp32'}"
               f"{' + bf16 autocast' if cfg.train.autocast_bf16 else ''}, {cfg.exits.kind} exits {model.depths}, "
               f"{total_steps} steps x {cfg.train.tokens_per_step} tokens ({accumulation} micro-batches per rank per step)"
               + (f" from step {first_step} of the epoch's {epoch_steps}" if first_step else ""))

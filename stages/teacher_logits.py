@@ -2,6 +2,7 @@
 
     python stages/teacher_logits.py --config configs/demo.yaml [key.path=value ...]
                                     [--task-index I --num-tasks N]
+    torchrun --nproc-per-node 2 stages/teacher_logits.py ... model.tensor_parallel=2   # one task, split
 
 Teacher shards are 1:1 with token shards (same keys, same order) and add the target arrays of
 `teacher.format`. Token shards are checked (tokenizer, seq_len, checksums) before any compute.
@@ -13,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, resolve_dtype, tokenizer_fingerprint
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.distributed import init_distributed
 from pipeline.shards import TOKENS_KEY, manifest_hash, read_manifest, read_shard, write_shard
 from pipeline.registry import TEACHER_LOGITS, TOKENIZE
-from pipeline.stage import run_sharded, run_stage
+from pipeline.stage import run_sharded, run_stage, writes_files
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
@@ -29,6 +31,11 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     tokens = read_manifest(tokens_dir, TOKENIZE.tag, expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": cfg.data.seq_len})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.tensor_parallel > 1:  # a task is one tensor-parallel group: its rank 0 writes the shards
+        _, world, device = init_distributed()
+        if world != cfg.model.tensor_parallel:
+            raise ConfigError(f"model.tensor_parallel: a teacher-logits task is one group of {cfg.model.tensor_parallel} "
+                              f"ranks; this one has {world} (torchrun --nproc-per-node {cfg.model.tensor_parallel})")
     backbone = load_backbone(cfg.model, device)
     fmt = TargetFormat(cfg.teacher, backbone.config.vocab_size)
     header = {
@@ -46,7 +53,8 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
 
     def write(todo, tracker) -> int:
         total = sum(records[split][index]["tokens"] for split, index in todo)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE.name, smoothing=0.1) as bar:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=STAGE.name, smoothing=0.1,
+                  disable=not writes_files()) as bar:
             for split, index in todo:
                 samples = list(read_shard(tokens_dir, records[split][index]))  # verifies the checksum first
                 targets = []
@@ -55,8 +63,9 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
                     keys = [s["__key__"] for s in batch]
                     targets += teacher.targets(np.stack([s[TOKENS_KEY] for s in batch]), keys)
                     bar.update(sum(s[TOKENS_KEY].size for s in batch))
-                write_shard(out, split, index, ({"__key__": s["__key__"], TOKENS_KEY: s[TOKENS_KEY], **t}
-                                                for s, t in zip(samples, targets)))
+                if writes_files():
+                    write_shard(out, split, index, ({"__key__": s["__key__"], TOKENS_KEY: s[TOKENS_KEY], **t}
+                                                    for s, t in zip(samples, targets)))
                 tracker.metrics(teacher.fidelity.summary())
         tracker.metrics({"target_bytes_per_token": fmt.bytes_per_position()})
         return total

@@ -1,0 +1,81 @@
+"""Tensor parallelism against one whole copy, on tiny random-weight families (tests/families.py).
+Run under torchrun (gloo on CPU) with a world of groups x TENSOR_PARALLEL ranks; each rank feeds its
+own inputs. Prints, on rank 0's last line, JSON {family: {check: max abs difference}} over all ranks:
+
+- exits: BalconyModel's exit logits (perturbed exits, as training leaves them) and the full model's;
+- teacher: the teacher's stored log-probs of the same top-k ids (the ids must be equal).
+"""
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from families import perturb_exits, tiny  # noqa: E402
+from pipeline.backbone import load_backbone  # noqa: E402
+from pipeline.balcony import BalconyModel  # noqa: E402
+from pipeline.config import ModelConfig, TeacherConfig  # noqa: E402
+from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.targets import TargetFormat  # noqa: E402
+from pipeline.teacher import Teacher  # noqa: E402
+
+DEPTHS = [1, 2]
+
+
+def differences(name: str, folder: Path, size: int, rank: int) -> dict[str, float]:
+    whole = load_backbone(ModelConfig(backbone=str(folder)))
+    split = load_backbone(ModelConfig(backbone=str(folder), tensor_parallel=size))
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(rank))  # this rank's own
+    out = {}
+    with torch.no_grad():
+        models = [BalconyModel(backbone, DEPTHS) for backbone in (whole, split)]
+        for model in models:
+            perturb_exits(model)
+        (exits_a, final_a), (exits_b, final_b) = (model(ids, full=True) for model in models)
+        out["exits"] = max(float((models[0].logits(exits_a[d]) - models[1].logits(exits_b[d])).abs().max())
+                           for d in DEPTHS)
+        out["full"] = float((models[0].logits(final_a) - models[1].logits(final_b)).abs().max())
+    # the teacher: every rank of a group runs the same batch (its task's)
+    shared = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(100 + rank // size))
+    fmt = TargetFormat(TeacherConfig(format="topk", k=8), 256)
+    config = TeacherConfig(format="topk", k=8, fidelity_positions=0)
+    a, b = (Teacher(backbone, fmt, config).targets(shared.numpy(), ["x", "y"]) for backbone in (whole, split))
+    for sample_a, sample_b in zip(a, b):
+        assert (sample_a[fmt.ids_key] == sample_b[fmt.ids_key]).all(), f"{name}: top-k ids differ"
+    out["teacher"] = max(float(abs(sa[fmt.logprobs_key].astype("float64") - sb[fmt.logprobs_key].astype("float64")).max())
+                         for sa, sb in zip(a, b))
+    return out
+
+
+def main(names: list[str]) -> dict:
+    rank, world, _ = init_distributed()
+    size = int(os.environ["TENSOR_PARALLEL"])
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        shared_folder = [scratch]
+        dist.broadcast_object_list(shared_folder, src=0)  # one folder of weights for every rank
+        for name in names:
+            folder = Path(shared_folder[0]) / name
+            if rank == 0:
+                tiny(name).save_pretrained(folder)
+            dist.barrier()
+            mine = differences(name, folder, size, rank)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            results[name] = {key: max(r[key] for r in gathered) for key in mine}
+        dist.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    result = main(sys.argv[1:])
+    if dist.get_rank() == 0:
+        print(json.dumps(result))

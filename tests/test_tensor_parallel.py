@@ -1,0 +1,131 @@
+"""model.tensor_parallel: the frozen backbone split across a group of ranks (transformers' tensor
+parallelism, gloo on CPU) against one whole copy: forward and teacher on tiny families, then the
+teacher-logits and train-exits stages on the tiny pipeline's tokens, whole and split across 2 ranks."""
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbone import backbone_fingerprint, load_backbone
+from pipeline.balcony import BalconyModel
+from pipeline.config import ConfigError, ModelConfig, load_config
+from pipeline.losses import exit_losses
+from pipeline.shards import read_manifest, read_shard
+from pipeline.targets import TargetFormat
+
+from conftest import BACKBONE, ONE_THREAD, ROOT, losses_by_step, run_command, stage_command, tiny_config
+from families import tiny
+
+pytestmark = pytest.mark.integration  # processes under torchrun and the deepspeed launcher
+
+# Split matmuls sum in another order: float32 rounding, a few ulps of logits of magnitude ~1-10.
+FORWARD_TOLERANCE = 1e-5
+
+
+def test_two_groups_of_two_ranks_equal_one_whole_backbone():
+    """4 ranks = 2 tensor-parallel groups of 2, each rank with inputs of its own: exit and full logits,
+    and the teacher's top-k targets, against a whole copy on every rank, for Llama, Qwen3 (q/k norms)
+    and Gemma 3 (sliding and global attention, softcapping)."""
+    command = [str(ROOT / ".venv" / "bin" / "torchrun"), "--standalone", "--nproc_per_node", "4",
+               str(ROOT / "tests" / "tensor_parallel_check.py"), "llama", "qwen3", "gemma3"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**ONE_THREAD, "TENSOR_PARALLEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"llama", "qwen3", "gemma3"}
+    for name, differences in result.items():
+        assert max(differences.values()) < FORWARD_TOLERANCE, (name, differences)
+
+
+def test_heads_that_do_not_divide_are_refused_before_loading(tmp_path):
+    tiny("llama").save_pretrained(tmp_path / "llama")  # 4 attention heads, 2 KV heads
+    with pytest.raises(ConfigError, match=r"^model.tensor_parallel: 3 does not divide the 4 attention heads and 2 KV heads"):
+        load_backbone(ModelConfig(backbone=str(tmp_path / "llama"), tensor_parallel=3))
+
+
+def tiny_llama_with_the_real_vocabulary(folder):
+    """A 3-layer random Llama of 4 heads (SmolLM2-135M's 9 do not split in 2) over SmolLM2's vocabulary:
+    it reads the tiny pipeline's tokens."""
+    import transformers
+
+    from families import COMMON
+
+    # weights 15x wider than the default: a distribution far from uniform, and exits far from the full model
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 49152, "num_hidden_layers": 3, "initializer_range": 0.3})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(finished_run, tmp_path_factory, tracking_uri):
+    """The finished run's tokens, then teacher-logits and train-exits (2 ranks) on a tiny Llama: whole
+    (model.tensor_parallel 1), and split in 2 (one group of 2 ranks). {name: (config, run folder, output)}."""
+    tokens = finished_run[0] / "tokens"
+    folder = tmp_path_factory.mktemp("split")
+    backbone = tiny_llama_with_the_real_vocabulary(folder / "llama")
+    out = {}
+    for name, split in (("whole", 1), ("split", 2)):
+        config = tiny_config(folder, tracking_uri, name, model={"backbone": str(backbone), "tokenizer": str(BACKBONE),
+                                                                "tensor_parallel": split},
+                             train={"keep_checkpoints": 10})
+        shutil.copytree(tokens, folder / name / "tokens")
+        teacher = run_command(stage_command("teacher-logits", config, ranks=split, launcher="torchrun"))
+        train = run_command(stage_command("train-exits", config, ranks=2))
+        out[name] = (config, folder / name, teacher.stdout + train.stdout)
+    return out
+
+
+def test_split_teacher_writes_the_whole_one_s_targets(runs):
+    (_, whole_run, _), (_, split_run, _) = runs["whole"], runs["split"]
+    whole, ours = read_manifest(whole_run / "teacher", "teacher"), read_manifest(split_run / "teacher", "teacher")
+    fmt = TargetFormat.from_description(whole["target_format"])
+    assert ours["backbone_fingerprint"] == whole["backbone_fingerprint"]
+    same_ids = total = 0
+    for split_name in ("train", "heldout"):
+        for a_record, b_record in zip(whole["splits"][split_name]["shards"], ours["splits"][split_name]["shards"]):
+            for a, b in zip(read_shard(whole_run / "teacher", a_record), read_shard(split_run / "teacher", b_record)):
+                assert a["__key__"] == b["__key__"]
+                a, b = (fmt.decode({k: torch.as_tensor(s[k]) for k in (fmt.ids_key, fmt.logprobs_key)}) for s in (a, b))
+                equal = a.ids == b.ids
+                same_ids, total = same_ids + int(equal.sum()), total + equal.numel()
+                # one quantisation step at most, where a rounding tips over
+                assert (a.logprobs - b.logprobs)[equal].abs().max() <= fmt.step * 1.001
+    assert same_ids / total > 0.999, same_ids / total  # a draw or a k-th place may tip over, rarely
+
+
+def test_split_training_takes_the_whole_one_s_steps_and_resumes(runs):
+    """2 ranks, one group: each rank's exits on its own micro-batch, the prefix on both ranks' at once;
+    the losses per step equal those of 2 ranks on whole backbones (the same data per rank)."""
+    (_, whole_run, reference_output), (config, split_run, output) = runs["whole"], runs["split"]
+    assert "2 ranks (tensor-parallel groups of 2), ZeRO-2" in output
+    ours, reference = losses_by_step(output), losses_by_step(reference_output)
+    assert sorted(ours) == sorted(reference) == list(range(1, 11))
+    for step in reference:  # exit 2 of 3 layers starts as the full model: its KL is ~1e-7, rounding's scale
+        assert ours[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
+    # killed after step 6: resumed under tensor parallelism, it takes the same steps
+    exits = split_run / "exits"
+    weights = (exits / "exits.safetensors").read_bytes()
+    for name in ("exits.safetensors", "balcony_config.json"):
+        (exits / name).unlink()
+    (exits / "checkpoints" / "latest").write_text("step00000006")
+    resumed = run_command(stage_command("train-exits", config, ranks=2))
+    assert "at step 6" in resumed.stdout
+    assert losses_by_step(resumed.stdout) == {s: ours[s] for s in range(7, 11)}
+    assert (exits / "exits.safetensors").read_bytes() == weights
+    # the exits do not depend on the split: one whole process loads them, and scores them as the whole run's
+    model = load_config(config).model
+    backbone = load_backbone(dataclasses.replace(model, tensor_parallel=1))
+    fingerprint = backbone_fingerprint(model, backbone)
+    heldout = read_manifest(split_run / "teacher", "teacher")["splits"]["heldout"]["shards"][0]
+    batch = {"input_ids.npy": torch.as_tensor(np.stack([s["input_ids.npy"] for s in read_shard(split_run / "teacher", heldout)]))}
+    scores = []
+    for run in (split_run, whole_run):
+        exits = BalconyModel.from_pretrained(backbone, run / "exits", fingerprint)
+        with torch.no_grad():  # exact KL to the full model, on held-out sequences
+            scores.append(exit_losses(exits, exits.logits, exits.depths, batch, None, chunk=128).tolist())
+    assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-5), scores
