@@ -430,6 +430,9 @@ class ThroughputConfig:
     """Evaluate: model FLOP/s of its forwards (decode-speed measurements come on top)."""
     network_bytes_per_s: float = _num(2.5e10, gt=0.0)
     """ZeRO-3: bytes per second each device gathers the partitioned backbone at (between nodes)."""
+    tensor_parallel_bytes_per_s: float = _num(3.6e11, gt=0.0)
+    """model.tensor_parallel: all-reduce bus bandwidth between a node's GPUs (the default assumes NVLink on
+    H100/H200 SXM; not measured here: give your site's, e.g. from nccl-tests' all_reduce_perf)."""
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 In place, each stage is a child process, under the deepspeed launcher when it has more than one:
 search-exits and train-exits with --nproc ranks, and every stage that runs the backbone with
-model.tensor_parallel > 1 (a group of that many). On SLURM, tokenize and teacher-logits are array jobs (task i of N
-writes block i of the shards), search-exits and train-exits multi-node jobs (cluster.train), evaluate
-one job, each `afterok` on the one before. A stage already complete is skipped, and of an array
+model.tensor_parallel > 1 (a group of that many). On SLURM, tokenize and teacher-logits are array
+jobs (task i of N writes block i of the shards; with model.tensor_parallel N, a task is a group of N
+processes on one node), search-exits and train-exits multi-node jobs (cluster.train), evaluate one
+job, each `afterok` on the one before. A stage already complete is skipped, and of an array
 stage only the tasks with missing shards are submitted, so resubmitting after a failure or a cancel
 redoes only what is missing. Submitted job ids go to RUN/logs/jobs.json.
 """
@@ -24,6 +25,7 @@ from pipeline.distributed import free_port
 from pipeline.errors import InputError, PipelineError
 from pipeline.shards import atomic_write, completed_record
 from pipeline.registry import EXPORT_EXITS, SEARCH_EXITS, STAGES, TOKENIZE, TRAIN_EXITS, export_folder
+from pipeline.plan import group_job
 from pipeline.search import resolve_depths
 from pipeline.stage import owned_shards
 from pipeline.tracking import PIPELINE_RUN, fail_pipeline, open_pipeline
@@ -203,7 +205,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
             count = array_tasks[stage]
             tasks = ",".join(map(str, pending_tasks(cfg, stage, count)))
             log = logs / f"{stage}-%A_%a.log"
-            resources = cluster.tokenize if stage == "tokenize" else cluster.teacher
+            resources = cluster.tokenize if stage == "tokenize" else group_job(cluster.teacher, cfg.model.tensor_parallel)
             # only the missing tasks may be resubmitted: the task count travels with the job
             args += [f"--array={tasks}", f"--output={log}", f"--export=ALL,BALCONY_NUM_TASKS={count}",
                      *sbatch_resources(cluster, resources)]
@@ -214,7 +216,7 @@ def submit(cfg: Config, cluster: ClusterConfig, config: Path, overrides: list[st
             script = "train_exits.sbatch"
         else:
             log = logs / f"{stage}-%j.log"
-            args += [f"--output={log}", *sbatch_resources(cluster, cluster.evaluate)]
+            args += [f"--output={log}", *sbatch_resources(cluster, group_job(cluster.evaluate, cfg.model.tensor_parallel))]
             script = "stage.sbatch"
         job_id = slurm(cluster, *args, str(ROOT / "cluster" / script), *stage_command(stage, config, overrides)).strip()
         job_id = job_id.split(";")[0]  # --parsable prints "id[;cluster]"

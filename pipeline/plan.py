@@ -96,6 +96,8 @@ class Architecture:
     embedding_params: int  # the input embedding's, when it is not the head's own weight
     total_params: int
     dtype_bytes: int  # of the weights as the stages load them
+    heads: int  # attention heads; a tensor-parallel split must divide them and the KV heads
+    kv_heads: int
 
     @property
     def layers(self) -> int:
@@ -118,6 +120,24 @@ class Architecture:
     def head_flops(self) -> float:
         return 2 * self.head_params
 
+    def backbone_bytes(self, split: int) -> float:
+        """The frozen backbone on one rank of a tensor-parallel group of `split`: a 1/split slice of every
+        layer and of the head, the embedding whole, and the head whole once more (an exit's loss and the
+        teacher score a rank's own positions with it: pipeline/decoder.py)."""
+        if split == 1:
+            return self.total_params * self.dtype_bytes
+        layers = self.total_params - self.head_params - self.embedding_params
+        return (layers / split + self.embedding_params + self.head_params * (1 + 1 / split)) * self.dtype_bytes
+
+    def splits(self) -> list[int]:
+        """The tensor-parallel sizes the backbone allows: the divisors of its heads and KV heads."""
+        return [n for n in range(1, self.kv_heads + 1) if self.heads % n == 0 and self.kv_heads % n == 0]
+
+    def tensor_parallel_bytes(self, depth: int, split: int) -> float:
+        """What a rank of a group of `split` sends and receives per token through `depth` layers: two
+        all-reduces of the hidden state per layer (after attention, after the MLP), a ring's 2(N-1)/N each."""
+        return depth * 2 * 2 * (split - 1) / split * self.hidden * self.dtype_bytes
+
 
 def architecture(cfg: Config, gpu: bool) -> Architecture:
     from pipeline.backbone import backbone_on_meta, resolve_dtype
@@ -134,7 +154,8 @@ def architecture(cfg: Config, gpu: bool) -> Architecture:
         hidden=config.hidden_size, attention_width=config.num_attention_heads * head_dim,
         vocab=backbone.lm_head.weight.shape[0], head_params=backbone.lm_head.weight.numel(),
         embedding_params=0 if backbone.get_input_embeddings().weight is backbone.lm_head.weight else backbone.get_input_embeddings().weight.numel(),
-        total_params=sum(p.numel() for p in backbone.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+        total_params=sum(p.numel() for p in backbone.parameters()), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+        heads=config.num_attention_heads, kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
 # ---------------------------------------------------------------- the plan
@@ -152,6 +173,7 @@ class StagePlan:
     bytes_written: int
     memory: dict[str, float] = field(default_factory=dict)  # per device, by part
     comm_s: float = 0.0  # ZeRO-3 gathers, overlapped with compute (wall is the larger)
+    tensor_parallel_s: float = 0.0  # all-reduces of a split backbone, on the critical path (in wall)
     note: str = ""
 
     @property
@@ -221,33 +243,43 @@ STATE_BYTES = 16  # per trained parameter: weights, gradients and AdamW states (
 
 def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world: int, gpu: bool) -> dict[str, float]:
     """Peak memory of one training rank, by part: the frozen backbone (a 1/world share under ZeRO-3, plus
-    the gathered layer in use, the next one prefetched and the head), the exits' weights, gradients and
-    AdamW states by ZeRO stage, the activations the exit layers keep for backward, one loss chunk, and
-    one prefix layer's intermediates."""
-    b, zero, n = arch.dtype_bytes, cfg.train.zero_stage, len(depths)
+    the gathered layer in use, the next one prefetched and the head; a tensor-parallel slice), the exits'
+    weights, gradients and AdamW states by ZeRO stage, the activations the exit layers keep for backward,
+    one loss chunk, and one prefix layer's intermediates (for its whole group's inputs, split)."""
+    b, zero, n, split = arch.dtype_bytes, cfg.train.zero_stage, len(depths), cfg.model.tensor_parallel
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     exit_params = trained_params(arch, cfg.exits.kind, n)
     bf16 = uses_bf16(cfg, torch.device("cuda" if gpu else "cpu"))
     param, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)  # bf16: fp32 master + AdamW m, v
     per_token_layer = arch.layer_params[-1] / arch.hidden  # ~ width of a layer's intermediates
     return {
-        "backbone": arch.total_params * b / (world if zero == 3 else 1)
-                    + ((2 * max(arch.layer_params) + arch.head_params) * b if zero == 3 else 0),
+        "backbone": (arch.total_params * b / world + (2 * max(arch.layer_params) + arch.head_params) * b
+                     if zero == 3 else arch.backbone_bytes(split)),
         "exit states": exit_params * (param / (world if zero >= 3 else 1) + grad / (world if zero >= 2 else 1)
                                       + optim / (world if zero >= 1 else 1)),
         "activations": tokens * n * b * (4 / 3 * per_token_layer + 6 * arch.hidden),
         "loss chunk": cfg.train.chunk_size * arch.vocab * (b + 12),  # logits; fp32 log-softmax, target, gradient
-        "prefix": tokens * per_token_layer * b,
+        "prefix": split * tokens * (arch.hidden + per_token_layer / split) * b,
         **({"runtime": GPU_RUNTIME} if gpu else {}),
     }
 
 
 def teacher_memory(arch: Architecture, cfg: Config, gpu: bool) -> dict[str, float]:
-    b = arch.dtype_bytes
-    return {"backbone": arch.total_params * b,
-            "activations": cfg.teacher.batch_size * cfg.data.seq_len * max(arch.layer_params) / arch.hidden * b,
+    b, split = arch.dtype_bytes, cfg.model.tensor_parallel
+    return {"backbone": arch.backbone_bytes(split),
+            "activations": cfg.teacher.batch_size * cfg.data.seq_len * (arch.hidden + max(arch.layer_params) / arch.hidden / split) * b,
             "head chunk": cfg.teacher.chunk_size * arch.vocab * (b + 12),
             **({"runtime": GPU_RUNTIME} if gpu else {})}
+
+
+def group_job(job: JobConfig, split: int) -> JobConfig:
+    """A job of one process (teacher-logits' array tasks, evaluate) as a tensor-parallel group: `split`
+    processes on one node, each with the job's GPUs and cores, and `split` times its memory."""
+    if split == 1:
+        return job
+    mebibytes = 0 if job.mem.strip() == "0" else parse_bytes(job.mem, "mem") * split // 2**20
+    mem = "0" if not mebibytes else f"{mebibytes // 1024}G" if mebibytes % 1024 == 0 else f"{mebibytes}M"
+    return dataclasses.replace(job, nodes=1, tasks_per_node=split, gpus_per_node=job.gpus_per_node * split, mem=mem)
 
 
 @dataclass
@@ -274,6 +306,13 @@ def make_plan(cfg: Config, cluster: ClusterConfig, stages: list[str], site: str 
     """The plan of `stages` (names, in chain order) on `cluster`; problems are collected, not raised."""
     gpu = cluster.teacher.gpus_per_node > 0 or cluster.train.gpus_per_node > 0
     ctx = PlanContext(cfg, cluster, architecture(cfg, gpu), site, gpu)
+    split = cfg.model.tensor_parallel
+    if split not in ctx.arch.splits():
+        ctx.problems.append(f"model.tensor_parallel: {split} does not divide the {ctx.arch.heads} attention heads and "
+                            f"{ctx.arch.kv_heads} KV heads; choose one of {ctx.arch.splits()}")
+    if cluster.node.gpus and split > cluster.node.gpus:
+        ctx.problems.append(f"model.tensor_parallel: a group of {split} ranks must sit on one node, which has "
+                            f"{cluster.node.gpus} GPUs (node.gpus)")
     plans = []
     if TOKENIZE.name in stages:
         plans.append(tokenize_plan(ctx))
@@ -318,12 +357,17 @@ def tokenize_plan(ctx: PlanContext) -> StagePlan:
 
 
 def teacher_plan(ctx: PlanContext) -> StagePlan:
-    fmt = TargetFormat(ctx.cfg.teacher, ctx.arch.vocab)
-    flops = ctx.arch.forward_flops(ctx.cfg.data.seq_len)
-    plan = array_plan(ctx, TEACHER_LOGITS.name, ctx.cluster.teacher, "teacher",
-                      flops / ctx.cluster.throughput.teacher_flops, flops,
+    """Array tasks of one tensor-parallel group each: the forward split over its devices, plus the split's
+    all-reduces (not overlapped: the next layer waits on them)."""
+    arch, split, rates = ctx.arch, ctx.cfg.model.tensor_parallel, ctx.cluster.throughput
+    fmt = TargetFormat(ctx.cfg.teacher, arch.vocab)
+    flops = arch.forward_flops(ctx.cfg.data.seq_len)
+    all_reduce = arch.tensor_parallel_bytes(arch.layers, split) / rates.tensor_parallel_bytes_per_s
+    plan = array_plan(ctx, TEACHER_LOGITS.name, group_job(ctx.cluster.teacher, split), "teacher",
+                      flops / (split * rates.teacher_flops) + all_reduce, flops,
                       ctx.tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
-    plan.memory = teacher_memory(ctx.arch, ctx.cfg, ctx.gpu)
+    plan.tensor_parallel_s = all_reduce * plan.wall_s / (all_reduce + flops / (split * rates.teacher_flops))
+    plan.memory = teacher_memory(arch, ctx.cfg, ctx.gpu)
     return plan
 
 
@@ -342,13 +386,21 @@ def training_plan(ctx: PlanContext, stage: str, runs: list[ExitRun], train_token
     cfg, job, world, seq = ctx.cfg, ctx.cluster.train, ctx.world, ctx.cfg.data.seq_len
     flops = sum(train_flops_per_token(ctx.arch, *run, seq) for run in runs)
     compute = train_tokens * flops / (world * ctx.cluster.throughput.train_flops)
+    split = cfg.model.tensor_parallel  # each rank all-reduces for its group's inputs: split x its own tokens
+    deepest = max(max(depths) for depths, *_ in runs)
+    all_reduce = train_tokens / world * split * ctx.arch.tensor_parallel_bytes(deepest, split)
+    compute += all_reduce / ctx.cluster.throughput.tensor_parallel_bytes_per_s
     comm = 0.0
     if cfg.train.zero_stage == 3 and world > 1:
         micro_batches = train_tokens / world / (cfg.train.micro_batch_size * seq)
         gathered = sum(zero3_gathered_bytes(ctx.arch, cfg, depths) for depths, *_ in runs)
         comm = micro_batches * gathered / ctx.cluster.throughput.network_bytes_per_s
     plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
+                     tensor_parallel_s=all_reduce / ctx.cluster.throughput.tensor_parallel_bytes_per_s,
                      memory=memory_per_device(ctx.arch, cfg, runs[0][0], world, ctx.gpu))
+    if job.tasks_per_node % split:
+        ctx.problems.append(f"{ctx.site}: train.tasks_per_node: {job.tasks_per_node} ranks per node are not whole "
+                            f"groups of model.tensor_parallel {split} (a group must sit on one node)")
     limit = parse_time(job.time, "train.time")
     if plan.wall_s <= limit * FIT:
         return plan
@@ -390,25 +442,59 @@ def evaluate_plan(ctx: PlanContext) -> StagePlan:
     depths, trained_sets = planned_depths(cfg, arch), len(cfg.exit_runs())
     per_token = (arch.forward_flops(seq)
                  + len(depths) * (trained_sets * (exit_flops(arch, "balcony", seq) + arch.head_flops) + arch.head_flops))
-    job = ctx.cluster.evaluate
+    job = group_job(ctx.cluster.evaluate, cfg.model.tensor_parallel)
     return StagePlan(EVALUATE.name, job, scored, per_token, 1, max(1, job.gpus_per_node),
-                     scored * per_token / ctx.cluster.throughput.evaluate_flops, 0,
+                     scored * per_token / (cfg.model.tensor_parallel * ctx.cluster.throughput.evaluate_flops), 0,
                      note="+ decode-speed measurements (eval.speed)" if cfg.eval.speed else "")
 
 
-def memory_advice(ctx: PlanContext, stage: str, part: str) -> str:
+def smallest_split(ctx: PlanContext, stage: str, limit: float) -> int | None:
+    """The smallest model.tensor_parallel (a divisor of the heads, within a node's GPUs) whose memory per
+    device fits `limit` for `stage` (training at ZeRO-2: a split backbone is not also partitioned)."""
+    for split in ctx.arch.splits():
+        if split > max(1, ctx.cluster.node.gpus):
+            break
+        cfg = dataclasses.replace(ctx.cfg, model=dataclasses.replace(ctx.cfg.model, tensor_parallel=split),
+                                  train=dataclasses.replace(ctx.cfg.train, zero_stage=min(ctx.cfg.train.zero_stage, 2)))
+        teacher = stage == TEACHER_LOGITS.name
+        memory = (teacher_memory(ctx.arch, cfg, ctx.gpu) if teacher else
+                  memory_per_device(ctx.arch, cfg, planned_depths(cfg, ctx.arch), ctx.world, ctx.gpu))
+        job = group_job(ctx.cluster.teacher, split) if teacher else ctx.cluster.train
+        if sum(memory.values()) <= limit and not host_problem(ctx, job, "teacher" if teacher else "train", split):
+            return split
+    return None
+
+
+def memory_advice(ctx: PlanContext, stage: str, part: str, limit: float) -> str:
     """What lowers the largest part of a stage's memory per device: a knob of that stage, its direction."""
+    if part == "backbone":
+        if stage == TEACHER_LOGITS.name and ctx.arch.dtype_bytes > 2:
+            return "set model.dtype bfloat16 (half the bytes)"
+        split = smallest_split(ctx, stage, limit)
+        if split is not None and split > ctx.cfg.model.tensor_parallel:
+            return (f"set model.tensor_parallel {split} (the smallest that fits: the backbone split across {split} "
+                    "GPUs of a node" + (", at train.zero_stage 2)" if stage != TEACHER_LOGITS.name else ")"))
+        if stage == TEACHER_LOGITS.name:
+            return "no split across a node's GPUs (model.tensor_parallel) holds the backbone: use devices with more memory"
+        return "set train.zero_stage 3 (it shards the backbone over the ranks)"
     if stage == TEACHER_LOGITS.name:
-        if part == "backbone":
-            if ctx.arch.dtype_bytes > 2:
-                return "set model.dtype bfloat16 (half the bytes)"
-            return "the teacher holds the whole backbone on each device; no setting splits it: use devices with more memory"
         return {"activations": "lower teacher.batch_size", "head chunk": "lower teacher.chunk_size"}.get(
             part, "raise teacher.mem")
-    return {"backbone": "set train.zero_stage 3 (it shards the backbone over the ranks)",
-            "exit states": "raise train.zero_stage (it shards the exits' optimizer states)",
+    return {"exit states": "raise train.zero_stage (it shards the exits' optimizer states)",
             "activations": "lower train.micro_batch_size", "prefix": "lower train.micro_batch_size",
             "loss chunk": "lower train.chunk_size"}.get(part, "raise train.mem")
+
+
+def host_problem(ctx: PlanContext, job: JobConfig, key: str, split: int) -> str:
+    """On a GPU site each rank loads its slice of the backbone (all of it, unsplit) on the host: refused
+    when the job's processes on a node need more than it asks for."""
+    node_memory = parse_bytes(ctx.cluster.node.memory, "node.memory") if ctx.cluster.node.memory else 0
+    asked = parse_bytes(job.mem, f"{key}.mem") if job.mem.strip() != "0" else node_memory
+    host = job.tasks_per_node * ctx.arch.backbone_bytes(split)
+    if asked and host > asked:
+        return (f"{ctx.site}: {key}.mem: {job.tasks_per_node} processes each load {size(host / job.tasks_per_node)} "
+                f"of the backbone on the host, more than {job.mem}; raise it (\"0\": the whole node)")
+    return ""
 
 
 def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
@@ -432,17 +518,16 @@ def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
         per_device = sum(plan.memory.values())
         if ctx.gpu:
             limit = parse_bytes(node.gpu_memory, "node.gpu_memory") if node.gpu_memory else 0
-            host = job.tasks_per_node * arch.total_params * arch.dtype_bytes  # each rank loads the backbone on the host
-            if asked and host > asked:
-                problems.append(f"{site}: {key}.mem: {job.tasks_per_node} processes each load the {size(host / job.tasks_per_node)} "
-                                f"backbone on the host, more than {job.mem}; raise it (\"0\": the whole node)")
+            problem = host_problem(ctx, job, key, ctx.cfg.model.tensor_parallel)
+            if problem:
+                problems.append(problem)
         else:  # a CPU-only job: a rank's share of the node's memory is its device memory
             limit = asked / job.tasks_per_node if asked else 0
         if limit and per_device > limit:
             biggest = max(plan.memory, key=plan.memory.get)
             problems.append(f"{site}: {plan.stage} needs ~{size(per_device)} per device, more than its "
                             f"{size(limit)}; the largest part is {biggest} ({size(plan.memory[biggest])}): "
-                            + memory_advice(ctx, plan.stage, biggest))
+                            + memory_advice(ctx, plan.stage, biggest, limit))
     if node.disk:
         written = sum(p.bytes_written for p in plans)
         if written > parse_bytes(node.disk, "node.disk"):
@@ -453,8 +538,11 @@ def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
 
 def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
     arch, lines = plan.arch, []
+    split = cfg.model.tensor_parallel
     lines.append(f"backbone: {arch.name}: {arch.layers} layers, hidden {arch.hidden}, vocabulary {arch.vocab:,}, "
-                 f"{arch.total_params / 1e9:.2f}B parameters ({arch.dtype_bytes} bytes each)")
+                 f"{arch.total_params / 1e9:.2f}B parameters ({arch.dtype_bytes} bytes each)"
+                 + (f"; tensor parallel {split}: {size(arch.backbone_bytes(split))} of it per device and host process"
+                    if split > 1 else ""))
     lines.append(f"data: {cfg.data.train_token_count:,} train + {cfg.data.heldout_tokens:,} held-out tokens, "
                  f"{len(planned_shards(cfg)):,} shards of {cfg.data.sequences_per_shard} x {cfg.data.seq_len}"
                  + (f" (read groups add up to {cfg.data.read_groups - 1} partial shards)" if cfg.data.read_groups > 1 else ""))
@@ -471,6 +559,9 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
         if s.memory:
             parts = ", ".join(f"{k} {size(v)}" for k, v in s.memory.items())
             lines.append(f"{s.stage}: memory per device ~{size(sum(s.memory.values()))} ({parts})")
+        if s.tensor_parallel_s:
+            lines.append(f"{s.stage}: tensor-parallel all-reduces ~{hours(s.tensor_parallel_s)} of the wall time at "
+                         f"{human(cluster.throughput.tensor_parallel_bytes_per_s)}B/s (groups of {cfg.model.tensor_parallel})")
         if s.comm_s:
             lines.append(f"{s.stage}: ZeRO-3 gathers ~{hours(s.comm_s)} at {human(cluster.throughput.network_bytes_per_s)}B/s, "
                          f"overlapped with ~{hours(s.tokens * s.flops_per_token / (s.devices * cluster.throughput.train_flops))} of compute")

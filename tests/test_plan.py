@@ -99,7 +99,8 @@ def test_memory_and_disk_refusals():
     small_gpus = site()
     small_gpus.node.gpu_memory = "24G"
     plan = make_plan(cfg, small_gpus, chain(cfg))
-    assert any("largest part is backbone" in p and "set train.zero_stage 3 (it shards the backbone over the ranks)" in p for p in plan.problems)
+    assert any("largest part is backbone" in p and "set model.tensor_parallel 2 (the smallest that fits: the backbone "
+               "split across 2 GPUs of a node, at train.zero_stage 2)" in p for p in plan.problems), plan.problems
     small_disk = site()
     small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
     assert any(p.endswith("lower data.train_tokens or teacher.k, or free space") for p in
@@ -162,14 +163,52 @@ def test_calibrate_measures_the_table_the_plan_reads(tmp_path, tracking_uri, ass
 
 
 def test_memory_advice_names_a_knob_of_the_stage_in_the_right_direction():
-    """The teacher holds the whole backbone: with GPUs smaller than it, no train.* knob helps it."""
+    """The teacher holds the whole backbone: with GPUs smaller than it, no train.* knob helps it; a split
+    across 4 GPUs does (2 would hold ~9.6 GiB of it, with the rest past 12G)."""
     cfg = paper("train.zero_stage=3")
     small_gpus = site()
     small_gpus.node.gpu_memory = "12G"  # the bf16 8B backbone alone is ~15 GiB
     problems = make_plan(cfg, small_gpus, chain(cfg)).problems
     teacher = [p for p in problems if "teacher-logits needs" in p]
     assert len(teacher) == 1 and "largest part is backbone" in teacher[0], problems
-    assert "train." not in teacher[0] and "no setting splits it" in teacher[0]
+    assert "train." not in teacher[0] and teacher[0].endswith("set model.tensor_parallel 4 (the smallest that fits: "
+                                                              "the backbone split across 4 GPUs of a node)")
+    small_gpus.node.gpu_memory = "1G"
+    teacher = [p for p in make_plan(cfg, small_gpus, chain(cfg)).problems if "teacher-logits needs" in p]
+    assert teacher[0].endswith("no split across a node's GPUs (model.tensor_parallel) holds the backbone: use devices "
+                               "with more memory")
     fp32 = paper("model.dtype=float32")
     teacher = [p for p in make_plan(fp32, small_gpus, chain(fp32)).problems if "teacher-logits needs" in p]
     assert teacher and teacher[0].endswith("set model.dtype bfloat16 (half the bytes)")
+
+
+LLAMA_70B = str(ROOT / "configs/shapes/llama3-70b")
+
+
+def seventy(*overrides: str):
+    return load_config(ROOT / "configs/llama3-70b.yaml", [f"model.backbone={LLAMA_70B}", *overrides])
+
+
+def test_70b_fits_split_in_fours_and_is_refused_whole_naming_the_split():
+    """LLaMA-3-70B (its published shape): 131 GiB of bf16 weights, on 141 GB GPUs. Split in 4 every stage
+    fits; whole, the plan names model.tensor_parallel for both stages that hold it."""
+    cfg, cluster = seventy(), site()
+    plan = make_plan(cfg, cluster, chain(cfg))
+    assert plan.problems == [] and cfg.model.tensor_parallel == 4
+    arch = plan.arch
+    layers = arch.total_params - arch.head_params - arch.embedding_params
+    per_rank = (layers / 4 + arch.embedding_params + arch.head_params * 5 / 4) * 2  # slices, embedding, head twice
+    teacher, train = stage(plan, "teacher-logits"), stage(plan, "train-exits")
+    assert teacher.memory["backbone"] == train.memory["backbone"] == pytest.approx(per_rank)  # ~36.3 GiB
+    assert teacher.devices == 4 and teacher.job.tasks_per_node == 4 and teacher.job.mem == "256G"  # a group per task
+    assert teacher.device_hours == pytest.approx(teacher.tasks * teacher.wall_s * 4 / 3600)
+    # each layer all-reduces the hidden state twice per token: 2 x 2 x 3/4 x 8192 x 2 bytes, 80 layers
+    assert arch.tensor_parallel_bytes(80, 4) == 80 * 2 * 2 * 3 / 4 * 8192 * 2 and teacher.tensor_parallel_s > 0
+    assert train.tensor_parallel_s == pytest.approx(
+        31.5e9 / 16 * 4 * arch.tensor_parallel_bytes(53, 4) / cluster.throughput.tensor_parallel_bytes_per_s)
+    whole = make_plan(seventy("model.tensor_parallel=1"), cluster, chain(cfg)).problems
+    split_advice = [p for p in whole if "largest part is backbone" in p]
+    assert len(split_advice) == 2 and all("set model.tensor_parallel" in p for p in split_advice), whole
+    three = make_plan(seventy("model.tensor_parallel=3"), cluster, chain(cfg)).problems
+    assert three[0] == ("model.tensor_parallel: 3 does not divide the 64 attention heads and 8 KV heads; "
+                        "choose one of [1, 2, 4, 8]")
