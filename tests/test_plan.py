@@ -99,8 +99,8 @@ def test_memory_and_disk_refusals():
     small_gpus = site()
     small_gpus.node.gpu_memory = "24G"
     plan = make_plan(cfg, small_gpus, chain(cfg))
-    assert any("largest part is backbone" in p and "set model.tensor_parallel 2 (the smallest that fits: the backbone "
-               "split across 2 GPUs of a node, at train.zero_stage 2)" in p for p in plan.problems), plan.problems
+    assert any("largest part is backbone" in p and "set model.tensor_parallel 4 (the smallest that fits: the backbone "
+               "split across 4 GPUs of a node, at train.zero_stage 2)" in p for p in plan.problems), plan.problems
     small_disk = site()
     small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
     assert any(p.endswith("lower data.train_tokens or teacher.k, or free space") for p in
