@@ -109,8 +109,12 @@ def gather_group_inputs(input_ids: torch.Tensor, group) -> tuple[torch.Tensor, s
 
 
 class BalconyModel(nn.Module):
-    def __init__(self, backbone, depths: list[int], kind: str = "balcony", init: str = "last_layer"):
+    def __init__(self, backbone, depths: list[int], kind: str = "balcony", init: str = "last_layer",
+                 inputs_per_rank: bool = False):
+        """`inputs_per_rank`: with a tensor-parallel backbone, each rank brings inputs of its own (training:
+        the prefix runs on its group's stacked); else every rank of a group brings the same (inference)."""
         super().__init__()
+        self.inputs_per_rank = inputs_per_rank
         self.decoder = Decoder(backbone)
         check_depths(depths, self.decoder.num_layers)
         if kind not in KINDS or init not in INITS:
@@ -141,12 +145,12 @@ class BalconyModel(nn.Module):
         given, receives the backbone's own hidden state at each exit depth (for the logit lens).
 
         The frozen prefix runs without autograd; only the exits build a graph.
-        Split tensor-parallel, the prefix runs on the inputs of every rank of the group at once, and
-        each rank's exits on its own (the rank's data is its own, as in plain data parallelism).
+        Split tensor-parallel with `inputs_per_rank`, the prefix runs on the inputs of every rank of
+        the group at once, and each rank's exits on its own (as in plain data parallelism).
         """
         decoder = self.decoder
         own = None
-        if decoder.tensor_parallel is not None:
+        if decoder.tensor_parallel is not None and self.inputs_per_rank:
             input_ids, own = gather_group_inputs(input_ids, decoder.tensor_parallel)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         stop = self.num_layers if full else self.depths[-1]

@@ -123,6 +123,17 @@ def tensor_parallel_group(module: nn.Module):
     return None
 
 
+def whole_head(backbone) -> nn.Module:
+    """The LM head, whole on every rank. Split, it would gather each rank's logits for the inputs of every
+    rank of its group: a rank scoring positions of its own (an exit's loss) needs it whole, ~V x d more
+    bytes per rank, made once per backbone."""
+    if tensor_parallel_group(backbone.lm_head) is None:
+        return backbone.lm_head
+    if "_whole_head" not in backbone.__dict__:  # a plain attribute: not a submodule of the backbone
+        object.__setattr__(backbone, "_whole_head", replicated(backbone.lm_head))
+    return backbone.__dict__["_whole_head"]
+
+
 class Decoder:
     """A loaded HF causal LM seen as embeddings -> layers -> norm -> head."""
 
@@ -133,9 +144,7 @@ class Decoder:
         rotary = inspect.signature(self.inner.rotary_emb.forward).parameters
         self._rotary_per_type = "layer_type" in rotary  # Gemma 3: local and global RoPE from one module
         self.tensor_parallel = tensor_parallel_group(backbone)
-        # Split, the head would gather each rank's logits for the inputs of every rank of its group: a rank
-        # scoring positions of its own (an exit's loss) needs it whole. ~V x d more bytes per rank.
-        self.head = replicated(backbone.lm_head) if self.tensor_parallel is not None else backbone.lm_head
+        self.head = whole_head(backbone)
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -1,4 +1,5 @@
-"""Who am I: array-task index/count for sharded stages, rank/world/device for training."""
+"""Who am I: array-task index/count for sharded stages, rank/world/device for training, and whether
+this process writes its task's files (the only one, or rank 0 of a tensor-parallel group)."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,24 @@ def resolve_task(index: int | None, count: int | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"--task-index: must be in [0, {count}) with --num-tasks {count}, got {index}")
     return index, count
+
+
+def writes_files() -> bool:
+    """Whether this process writes its task's files: the only one, or rank 0 of a task's processes."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def rank_zero_view(*values):
+    """`values` as rank 0 of a multi-process task sees them (one decision, however the files change)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    shared = list(values)
+    dist.broadcast_object_list(shared, src=0)
+    return tuple(shared)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -59,6 +78,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
         _release_shm_workspace(int(env["RANK"]))
     device = torch.device("cuda", index) if cuda else torch.device("cpu")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+
+
+def group_device(tensor_parallel: int) -> torch.device:
+    """The device of a stage that runs the backbone as one process, or as one tensor-parallel group of
+    `tensor_parallel` ranks (teacher-logits' task, evaluate, export: started by torchrun or srun), joined here."""
+    if tensor_parallel == 1:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, world, device = init_distributed()
+    if world != tensor_parallel:
+        raise ConfigError(f"model.tensor_parallel: this stage runs as one group of {tensor_parallel} ranks; it has "
+                          f"{world} (torchrun --nproc-per-node {tensor_parallel}, or srun --ntasks {tensor_parallel})")
+    return device
 
 
 def _release_shm_workspace(rank: int) -> None:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.balcony import BalconyModel
+from pipeline.distributed import rank_zero_view, writes_files
 from pipeline.errors import InputError
 
 
@@ -58,11 +59,15 @@ def export_exit(model: BalconyModel, depth: int, folder: Path, tokenizer, backbo
         raise InputError(f"export: exits of kind {model.kind!r} are not decoder layers; only Balcony exits "
                          "make a standalone checkpoint")
     folder = Path(folder)
-    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # one writer per folder: these are a killed export's
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    lead = writes_files()  # of a tensor-parallel group, every rank gathers its slices and rank 0 writes
+    if lead:
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # one writer per folder: these are a killed export's
+    (tmp,) = rank_zero_view(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))
     view = model.view(depth)
     view.save_pretrained(tmp, safe_serialization=True)
+    if not lead:
+        return folder
     tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(model, depth, backbone, scores))
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

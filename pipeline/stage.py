@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config, load_config, reference_text
-from pipeline.distributed import resolve_task
+from pipeline.distributed import rank_zero_view, resolve_task, writes_files
 from pipeline.errors import REQUEUE_EXIT, PipelineError, TimeLimit
 from pipeline.shards import MANIFEST, claim_directory, completed_record, finalize_manifest, read_manifest
 from pipeline.tracking import Tracker, stage_run
@@ -68,24 +68,6 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
 
 
 Shard = tuple[str, int]  # (split, index)
-
-
-def writes_files() -> bool:
-    """Whether this process writes its task's files: the only one, or rank 0 of a task's processes."""
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def rank_zero_view(*values):
-    """`values` as rank 0 of a multi-process task sees them (one decision, however the files change)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    shared = list(values)
-    dist.broadcast_object_list(shared, src=0)
-    return tuple(shared)
 
 
 def owned_shards(shards: list, index: int, count: int) -> list:

@@ -148,7 +148,7 @@ def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: 
         manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
                                                                      "seq_len": cfg.data.seq_len})
         fmt = TargetFormat.from_description(manifest["target_format"])
-    model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init)
+    model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init, inputs_per_rank=True)
     header = {"stage": stage.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
               "precision": "bf16" if bf16 else "fp32", "search_steps": search_steps}

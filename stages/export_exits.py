@@ -9,11 +9,11 @@ written under a temporary name and renamed into place; a rerun writes the same b
 """
 from __future__ import annotations
 
-import torch
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer
 from pipeline.balcony import WEIGHTS, BalconyModel, read_exits_config
 from pipeline.config import Config
+from pipeline.distributed import group_device, writes_files
 from pipeline.errors import ConfigError
 from pipeline.export import evaluation_scores, export_exit
 from pipeline.registry import EVALUATE, EXPORT_EXITS, TRAIN_EXITS, export_folder
@@ -30,14 +30,15 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     missing = [d for d in depths if d not in available]
     if missing:
         raise ConfigError(f"export.depths: no exit at depth {missing[0]} in {exits_dir} (exits: {available})")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # and its dtype: model.dtype auto
+    device = group_device(cfg.model.tensor_parallel)  # and its dtype (model.dtype auto); a group gathers its slices
     backbone = load_backbone(cfg.model, device)
     model = BalconyModel.from_pretrained(backbone, exits_dir, backbone_fingerprint(cfg.model, backbone)).to(device).eval()
     tokenizer, exits_sha256 = load_tokenizer(cfg.model), file_sha256(exits_dir / WEIGHTS)
     for depth in depths:
         scores = evaluation_scores(EVALUATE.dir(cfg) / "metrics.json", exits_sha256, depth)
         folder = export_exit(model, depth, export_folder(cfg, depth), tokenizer, cfg.model.backbone, scores)
-        print(f"{STAGE.name}: exit {depth} -> {folder} ({depth + 1} layers; AutoModelForCausalLM.from_pretrained loads it)")
+        if writes_files():
+                print(f"{STAGE.name}: exit {depth} -> {folder} ({depth + 1} layers; AutoModelForCausalLM.from_pretrained loads it)")
 
 
 if __name__ == "__main__":

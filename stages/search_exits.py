@@ -47,10 +47,11 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
         started = time.perf_counter()
         train_exits(candidates_config(cfg, depths), out / CANDIDATES, "candidates", backbone, fingerprint, rank, world,
                     device, stage=STAGE, search_steps=search_steps(cfg))
-        if rank == 0:
+        if rank < cfg.model.tensor_parallel:  # rank 0's group scores (a split backbone runs on all its ranks)
             scores = score_candidates(cfg, backbone, fingerprint, device)
             scores.update(header, format_version=FORMAT_VERSION, seconds=time.perf_counter() - started)
-            atomic_write(out / SCORES, json.dumps(scores, indent=1).encode())
+            if rank == 0:
+                atomic_write(out / SCORES, json.dumps(scores, indent=1).encode())
     dist.barrier()
     if rank == 0:
         choose_depths(cfg, out, header)

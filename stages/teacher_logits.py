@@ -14,11 +14,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer, resolve_dtype, tokenizer_fingerprint
-from pipeline.config import Config, ConfigError
-from pipeline.distributed import init_distributed
+from pipeline.config import Config
+from pipeline.distributed import group_device, writes_files
 from pipeline.shards import TOKENS_KEY, manifest_hash, read_manifest, read_shard, write_shard
 from pipeline.registry import TEACHER_LOGITS, TOKENIZE
-from pipeline.stage import run_sharded, run_stage, writes_files
+from pipeline.stage import run_sharded, run_stage
 from pipeline.targets import TargetFormat
 from pipeline.teacher import Teacher
 
@@ -30,12 +30,7 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     tokens = read_manifest(tokens_dir, TOKENIZE.tag, expect={
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seq_len": cfg.data.seq_len})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.model.tensor_parallel > 1:  # a task is one tensor-parallel group: its rank 0 writes the shards
-        _, world, device = init_distributed()
-        if world != cfg.model.tensor_parallel:
-            raise ConfigError(f"model.tensor_parallel: a teacher-logits task is one group of {cfg.model.tensor_parallel} "
-                              f"ranks; this one has {world} (torchrun --nproc-per-node {cfg.model.tensor_parallel})")
+    device = group_device(cfg.model.tensor_parallel)  # a task is one process, or one group whose rank 0 writes
     backbone = load_backbone(cfg.model, device)
     fmt = TargetFormat(cfg.teacher, backbone.config.vocab_size)
     header = {

@@ -36,7 +36,7 @@ def differences(name: str, folder: Path, size: int, rank: int) -> dict[str, floa
     ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(rank))  # this rank's own
     out = {}
     with torch.no_grad():
-        models = [BalconyModel(backbone, DEPTHS) for backbone in (whole, split)]
+        models = [BalconyModel(backbone, DEPTHS, inputs_per_rank=True) for backbone in (whole, split)]
         for model in models:
             perturb_exits(model)
         (exits_a, final_a), (exits_b, final_b) = (model(ids, full=True) for model in models)

@@ -18,7 +18,8 @@ from pipeline.losses import exit_losses
 from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 
-from conftest import BACKBONE, ONE_THREAD, ROOT, losses_by_step, run_command, stage_command, tiny_config
+from conftest import (BACKBONE, ONE_THREAD, ROOT, losses_by_step, pipeline_command, run_command, run_in_process,
+                      stage_command, tiny_config)
 from families import tiny
 
 pytestmark = pytest.mark.integration  # processes under torchrun and the deepspeed launcher
@@ -63,8 +64,10 @@ def tiny_llama_with_the_real_vocabulary(folder):
 
 @pytest.fixture(scope="module")
 def runs(finished_run, tmp_path_factory, tracking_uri):
-    """The finished run's tokens, then teacher-logits and train-exits (2 ranks) on a tiny Llama: whole
-    (model.tensor_parallel 1), and split in 2 (one group of 2 ranks). {name: (config, run folder, output)}."""
+    """The finished run's tokens, then the chain on a tiny Llama: whole (model.tensor_parallel 1:
+    teacher-logits in one process, train-exits on 2 ranks), and split in 2 by `make pipeline`'s command
+    (teacher-logits, train-exits on 2 ranks = one group, evaluate and export-exits: each a group of 2).
+    {name: (config, run folder, output)}."""
     tokens = finished_run[0] / "tokens"
     folder = tmp_path_factory.mktemp("split")
     backbone = tiny_llama_with_the_real_vocabulary(folder / "llama")
@@ -72,11 +75,15 @@ def runs(finished_run, tmp_path_factory, tracking_uri):
     for name, split in (("whole", 1), ("split", 2)):
         config = tiny_config(folder, tracking_uri, name, model={"backbone": str(backbone), "tokenizer": str(BACKBONE),
                                                                 "tensor_parallel": split},
-                             train={"keep_checkpoints": 10})
+                             train={"keep_checkpoints": 10}, eval={"speed": False}, export={"after_evaluate": True})
         shutil.copytree(tokens, folder / name / "tokens")
-        teacher = run_command(stage_command("teacher-logits", config, ranks=split, launcher="torchrun"))
-        train = run_command(stage_command("train-exits", config, ranks=2))
-        out[name] = (config, folder / name, teacher.stdout + train.stdout)
+        if split == 1:
+            output = (run_command(stage_command("teacher-logits", config)).stdout
+                      + run_command(stage_command("train-exits", config, ranks=2)).stdout)
+        else:
+            proc = run_command(pipeline_command(config, "--nproc", "2"))
+            output = proc.stdout + proc.stderr
+        out[name] = (config, folder / name, output)
     return out
 
 
@@ -129,3 +136,28 @@ def test_split_training_takes_the_whole_one_s_steps_and_resumes(runs):
         with torch.no_grad():  # exact KL to the full model, on held-out sequences
             scores.append(exit_losses(exits, exits.logits, exits.depths, batch, None, chunk=128).tolist())
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-5), scores
+
+
+def test_split_evaluate_and_export_score_as_a_whole_process(runs):
+    """The split chain's evaluate (a group of 2) scores its exits as one whole process does, and its
+    export (slices gathered) is the checkpoint plain transformers loads, with the exit's logits."""
+    from transformers import AutoModelForCausalLM
+
+    config, split_run, _ = runs["split"]
+    rows = {r["name"]: r for r in json.loads((split_run / "eval" / "metrics.json").read_text())["rows"]}
+    shutil.rmtree(split_run / "eval")
+    code, _, err = run_in_process("evaluate", config, "model.tensor_parallel=1")
+    assert code == 0, err
+    whole = {r["name"]: r for r in json.loads((split_run / "eval" / "metrics.json").read_text())["rows"]}
+    assert set(rows) == set(whole) and "exit@1" in rows
+    for name, row in whole.items():
+        for key in ("kl_to_full", "perplexity", "top1_agreement"):
+            if key in row:
+                assert rows[name][key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), (name, key)
+    model = load_config(config).model
+    backbone = load_backbone(dataclasses.replace(model, tensor_parallel=1))
+    exits = BalconyModel.from_pretrained(backbone, split_run / "exits")
+    exported = AutoModelForCausalLM.from_pretrained(split_run / "export" / "exit-1")
+    ids = torch.randint(3, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, exits.view(1)(ids).logits, atol=1e-5)
