@@ -189,3 +189,33 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
 
     assert uninterrupted.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
     assert tree_bytes(tmp_path / "requeue" / "teacher") == tree_bytes(tmp_path / "uninterrupted" / "teacher")
+
+
+def test_tensor_parallel_on_slurm(cluster, tmp_path, tracking_uri):
+    """model.tensor_parallel 2 on the cluster (a tiny Llama over the real vocabulary: 4 heads): each
+    teacher-logits array task is a group of 2 processes on one node, whose rank 0 writes; train-exits
+    is 2 nodes x 2 ranks, 2 groups of 2, ZeRO-2 over all 4."""
+    from test_tensor_parallel import tiny_llama_with_the_real_vocabulary
+
+    from conftest import BACKBONE
+
+    backbone = tiny_llama_with_the_real_vocabulary(tmp_path / "llama")
+    config = _config(tmp_path, tracking_uri, "split", model={"backbone": str(backbone), "tokenizer": str(BACKBONE),
+                                                             "tensor_parallel": 2, "num_layers": 0},
+                     train={"micro_batch_size": 2})
+    launch(config, "--stages", "tokenize")
+    site = yaml.safe_load(cluster.read_text())
+    site["train"].update(tasks_per_node=2)
+    two_per_node = tmp_path / "two-per-node.yaml"
+    two_per_node.write_text(yaml.safe_dump(site))
+    launch(config, "--stages", "teacher-logits,train-exits", "--cluster", str(two_per_node), "--wait")
+    run = tmp_path / "split"
+    logs = sorted((run / "logs").glob("teacher-logits-*_[01].log"))
+    assert len(logs) == 2 and all(", 2 processes" in log.read_text() for log in logs), [l.read_text()[-1500:] for l in logs]
+    manifest = json.loads((run / "teacher" / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]["shards"]) == 4
+    jobs = json.loads((run / "logs/jobs.json").read_text())["jobs"]
+    train_log = Path(jobs[1]["log"]).read_text()
+    assert "on n[1-2]: 4 processes" in train_log, train_log[-2000:]
+    assert "4 ranks (tensor-parallel groups of 2), ZeRO-2" in train_log, train_log[-2000:]
+    assert len(re.findall(r"^step \d+/3 ", train_log, re.M)) == 3 and (run / "exits" / "exits.safetensors").exists()
