@@ -8,6 +8,8 @@ Prints, each measured here in one run:
 - cached-targets ÷ online-teacher training throughput: `--steps` exits steps (prefix forward, exit
   layers, chunked KL, backward, AdamW) against cached top-k targets, and against the backbone's own
   full forward in the same pass;
+- with 2 GPUs or more, model.tensor_parallel 2 against a whole backbone (tests/tensor_parallel_check.py
+  on tiny Llama, Qwen3 and Gemma 3 models): the largest logit and target difference per family;
 - peak GPU memory of each phase beside `make plan`'s estimate of it (the plan's training estimate
   assumes DeepSpeed's fp32 master weights and states, 16 bytes per trained parameter; this step's plain
   AdamW on bf16 weights keeps 8, which the line states).
@@ -42,6 +44,30 @@ def peak(step, calls: int) -> tuple[float, float]:
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, calls=calls)
     return seconds, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0.0
+
+
+def tensor_parallel_check(cpu: bool) -> dict | None:
+    """model.tensor_parallel on this machine's GPUs (2 groups of 2 with 4, one group of 2 with 2 or 3):
+    tests/tensor_parallel_check.py's largest difference from a whole backbone per family; None (skipped)
+    with fewer than 2 GPUs."""
+    import os
+    import subprocess
+
+    gpus = 0 if cpu else torch.cuda.device_count()
+    if gpus < 2:
+        print(f"tensor parallel: skipped ({gpus} GPU{'s' if gpus != 1 else ''}; it needs 2)")
+        return None
+    ranks = 4 if gpus >= 4 else 2
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(ranks),
+               str(ROOT / "tests" / "tensor_parallel_check.py"), "llama", "qwen3", "gemma3"]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TENSOR_PARALLEL": "2"})
+    if proc.returncode != 0:
+        print(f"tensor parallel: FAILED on {ranks} ranks:\n{proc.stderr[-3000:]}")
+        return {"ranks": ranks, "error": proc.stderr[-3000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"tensor parallel: {ranks} ranks in groups of 2 against a whole backbone, largest |difference| per family: "
+          + ", ".join(f"{name} {max(d.values()):.2e}" for name, d in result.items()))
+    return {"ranks": ranks, "max_abs_difference": result}
 
 
 def main(argv=None) -> int:
@@ -108,6 +134,7 @@ def main(argv=None) -> int:
     print(f"train-exits: {args.steps} steps of {args.micro} x {args.seq}: cached targets {tokens / cached_s:,.0f} tok/s, "
           f"online teacher {tokens / online_s:,.0f} tok/s: ratio {online_s / cached_s:.2f}; peak {shown(cached_peak)} "
           f"cached / {shown(online_peak)} online (plan {size(planned_train)} with 8 bytes per trained parameter)")
+    report["tensor_parallel"] = tensor_parallel_check(args.cpu)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps({"command": " ".join(sys.argv), **report}, indent=1))
     return 0

@@ -1,5 +1,5 @@
 """Tensor parallelism against one whole copy, on tiny random-weight families (tests/families.py).
-Run under torchrun (gloo on CPU) with a world of groups x TENSOR_PARALLEL ranks; each rank feeds its
+Run under torchrun (gloo on CPU, NCCL on GPUs: one per rank) with a world of groups x TENSOR_PARALLEL ranks; each rank feeds its
 own inputs. Prints, on rank 0's last line, JSON {family: {check: max abs difference}} over all ranks:
 
 - exits: BalconyModel's exit logits (perturbed exits, as training leaves them) and the full model's;
@@ -30,10 +30,10 @@ from pipeline.teacher import Teacher  # noqa: E402
 DEPTHS = [1, 2]
 
 
-def differences(name: str, folder: Path, size: int, rank: int) -> dict[str, float]:
-    whole = load_backbone(ModelConfig(backbone=str(folder)))
-    split = load_backbone(ModelConfig(backbone=str(folder), tensor_parallel=size))
-    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(rank))  # this rank's own
+def differences(name: str, folder: Path, size: int, rank: int, device: torch.device) -> dict[str, float]:
+    whole = load_backbone(ModelConfig(backbone=str(folder)), device)
+    split = load_backbone(ModelConfig(backbone=str(folder), tensor_parallel=size), device)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(rank)).to(device)  # this rank's own
     out = {}
     with torch.no_grad():
         models = [BalconyModel(backbone, DEPTHS, inputs_per_rank=True) for backbone in (whole, split)]
@@ -56,7 +56,7 @@ def differences(name: str, folder: Path, size: int, rank: int) -> dict[str, floa
 
 
 def main(names: list[str]) -> dict:
-    rank, world, _ = init_distributed()
+    rank, world, device = init_distributed()
     size = int(os.environ["TENSOR_PARALLEL"])
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -67,7 +67,7 @@ def main(names: list[str]) -> dict:
             if rank == 0:
                 tiny(name).save_pretrained(folder)
             dist.barrier()
-            mine = differences(name, folder, size, rank)
+            mine = differences(name, folder, size, rank, device)
             gathered = [None] * world
             dist.all_gather_object(gathered, mine)
             results[name] = {key: max(r[key] for r in gathered) for key in mine}
