@@ -461,11 +461,12 @@ class ClusterConfig:
     tokenize: JobConfig = field(default_factory=JobConfig)
     """Each array task of tokenize (CPU only: it needs no GPU)."""
     teacher: JobConfig = field(default_factory=JobConfig)
-    """Each array task of teacher-logits (one GPU on a GPU site)."""
+    """Each array task of teacher-logits (one GPU on a GPU site). With model.tensor_parallel N, a task is
+    N such processes on one node: N times the GPUs and the memory."""
     train: JobConfig = field(default_factory=JobConfig)
     """The train-exits job."""
     evaluate: JobConfig = field(default_factory=JobConfig)
-    """The evaluate job."""
+    """The evaluate job (and export-exits'); with model.tensor_parallel N, N such processes on one node."""
     node: NodeConfig = field(default_factory=NodeConfig)
     """What one node has (make plan checks requests against it)."""
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
