@@ -98,7 +98,7 @@ def losses_by_step(stdout: str) -> dict[int, list[float]]:
 # server) run on one worker; every other test goes to whichever worker is free.
 ONE_WORKER = ("test_slurm.py", "test_mlflow_ui.py")
 # Fixtures made by built_once (one per session, whichever worker asks first builds it; the others wait).
-BUILT_ONCE = ("finished_run", "foreign", "searched_run", "reference", "grouped")
+BUILT_ONCE = ("finished_run", "foreign", "searched_run", "reference", "grouped", "whole_and_split")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

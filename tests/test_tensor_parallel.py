@@ -18,8 +18,8 @@ from pipeline.losses import exit_losses
 from pipeline.shards import read_manifest, read_shard
 from pipeline.targets import TargetFormat
 
-from conftest import (BACKBONE, ONE_THREAD, ROOT, losses_by_step, pipeline_command, run_command, run_in_process,
-                      stage_command, tiny_config)
+from conftest import (BACKBONE, ONE_THREAD, ROOT, built_once, losses_by_step, pipeline_command, run_command,
+                      run_in_process, stage_command, tiny_config)
 from families import tiny
 
 pytestmark = pytest.mark.integration  # processes under torchrun and the deepspeed launcher
@@ -62,33 +62,44 @@ def tiny_llama_with_the_real_vocabulary(folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def runs(finished_run, tmp_path_factory, tracking_uri):
+@pytest.fixture(scope="session")
+def whole_and_split(finished_run, tmp_path_factory):
     """The finished run's tokens, then the chain on a tiny Llama: whole (model.tensor_parallel 1:
     teacher-logits in one process, train-exits on 2 ranks), and split in 2 by `make pipeline`'s command
     (teacher-logits, train-exits on 2 ranks = one group, evaluate and export-exits: each a group of 2).
-    {name: (config, run folder, output)}."""
-    tokens = finished_run[0] / "tokens"
-    folder = tmp_path_factory.mktemp("split")
-    backbone = tiny_llama_with_the_real_vocabulary(folder / "llama")
-    out = {}
-    for name, split in (("whole", 1), ("split", 2)):
-        config = tiny_config(folder, tracking_uri, name, model={"backbone": str(backbone), "tokenizer": str(BACKBONE),
-                                                                "tensor_parallel": split},
-                             train={"keep_checkpoints": 10}, eval={"speed": False}, export={"after_evaluate": True})
-        shutil.copytree(tokens, folder / name / "tokens")
-        if split == 1:
-            output = (run_command(stage_command("teacher-logits", config)).stdout
-                      + run_command(stage_command("train-exits", config, ranks=2)).stdout)
-        else:
-            proc = run_command(pipeline_command(config, "--nproc", "2"))
-            output = proc.stdout + proc.stderr
-        out[name] = (config, folder / name, output)
-    return out
+    {name: (config, run folder, output)}; tests that change a run work on `a_copy` of it."""
+    def build(folder):
+        backbone = tiny_llama_with_the_real_vocabulary(folder / "llama")
+        out = {}
+        for name, split in (("whole", 1), ("split", 2)):
+            config = tiny_config(folder, f"sqlite:///{folder / 'mlflow.db'}", name,
+                                 model={"backbone": str(backbone), "tokenizer": str(BACKBONE), "tensor_parallel": split},
+                                 train={"keep_checkpoints": 10}, eval={"speed": False}, export={"after_evaluate": True})
+            shutil.copytree(finished_run[0] / "tokens", folder / name / "tokens")
+            if split == 1:
+                output = (run_command(stage_command("teacher-logits", config)).stdout
+                          + run_command(stage_command("train-exits", config, ranks=2)).stdout)
+            else:
+                proc = run_command(pipeline_command(config, "--nproc", "2"))
+                output = proc.stdout + proc.stderr
+            out[name] = (config, folder / name, output)
+        return out
+
+    return built_once(tmp_path_factory, "tensor_parallel", build)
 
 
-def test_split_teacher_writes_the_whole_one_s_targets(runs):
-    (_, whole_run, _), (_, split_run, _) = runs["whole"], runs["split"]
+def a_copy(run: tuple, folder):
+    """(config, run folder) of a copy of a run in `folder`, for a test that changes it."""
+    config, original, _ = run
+    copy = folder / original.name
+    shutil.copytree(original, copy)
+    path = folder / config.name
+    path.write_text(config.read_text().replace(str(original), str(copy)))
+    return path, copy
+
+
+def test_split_teacher_writes_the_whole_one_s_targets(whole_and_split):
+    (_, whole_run, _), (_, split_run, _) = whole_and_split["whole"], whole_and_split["split"]
     whole, ours = read_manifest(whole_run / "teacher", "teacher"), read_manifest(split_run / "teacher", "teacher")
     fmt = TargetFormat.from_description(whole["target_format"])
     assert ours["backbone_fingerprint"] == whole["backbone_fingerprint"]
@@ -105,10 +116,11 @@ def test_split_teacher_writes_the_whole_one_s_targets(runs):
     assert same_ids / total > 0.999, same_ids / total  # a draw or a k-th place may tip over, rarely
 
 
-def test_split_training_takes_the_whole_one_s_steps_and_resumes(runs):
+def test_split_training_takes_the_whole_one_s_steps_and_resumes(whole_and_split, tmp_path):
     """2 ranks, one group: each rank's exits on its own micro-batch, the prefix on both ranks' at once;
     the losses per step equal those of 2 ranks on whole backbones (the same data per rank)."""
-    (_, whole_run, reference_output), (config, split_run, output) = runs["whole"], runs["split"]
+    (_, whole_run, reference_output), output = whole_and_split["whole"], whole_and_split["split"][2]
+    config, split_run = a_copy(whole_and_split["split"], tmp_path)
     assert "2 ranks (tensor-parallel groups of 2), ZeRO-2" in output
     ours, reference = losses_by_step(output), losses_by_step(reference_output)
     assert sorted(ours) == sorted(reference) == list(range(1, 11))
@@ -138,12 +150,12 @@ def test_split_training_takes_the_whole_one_s_steps_and_resumes(runs):
     assert scores[0] == pytest.approx(scores[1], rel=1e-3, abs=1e-5), scores
 
 
-def test_split_evaluate_and_export_score_as_a_whole_process(runs):
+def test_split_evaluate_and_export_score_as_a_whole_process(whole_and_split, tmp_path):
     """The split chain's evaluate (a group of 2) scores its exits as one whole process does, and its
     export (slices gathered) is the checkpoint plain transformers loads, with the exit's logits."""
     from transformers import AutoModelForCausalLM
 
-    config, split_run, _ = runs["split"]
+    config, split_run = a_copy(whole_and_split["split"], tmp_path)
     rows = {r["name"]: r for r in json.loads((split_run / "eval" / "metrics.json").read_text())["rows"]}
     shutil.rmtree(split_run / "eval")
     code, _, err = run_in_process("evaluate", config, "model.tensor_parallel=1")
