@@ -3,7 +3,10 @@ Run under torchrun (gloo on CPU, NCCL on GPUs: one per rank) with a world of gro
 own inputs. Prints, on rank 0's last line, JSON {family: {check: max abs difference}} over all ranks:
 
 - exits: BalconyModel's exit logits (perturbed exits, as training leaves them) and the full model's;
-- teacher: the teacher's stored log-probs of the same top-k ids (the ids must be equal).
+- teacher: the teacher's stored log-probs of the same top-k ids (the ids must be equal);
+- training: the relative difference of the exits' loss at each of STEPS steps between the world's
+  ranks in their groups (DeepSpeed ZeRO-2 over all ranks, each rank its own micro-batch, exact KL to
+  the full model) and one process training on all their micro-batches at once (plain AdamW).
 """
 import json
 import os
@@ -24,10 +27,42 @@ from pipeline.backbone import load_backbone  # noqa: E402
 from pipeline.balcony import BalconyModel  # noqa: E402
 from pipeline.config import ModelConfig, TeacherConfig  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.losses import exit_losses  # noqa: E402
 from pipeline.targets import TargetFormat  # noqa: E402
 from pipeline.teacher import Teacher  # noqa: E402
 
 DEPTHS = [1, 2]
+STEPS = 10
+MICRO = 2  # sequences per rank and step
+
+
+def training(whole, split, rank: int, world: int) -> float:
+    """The largest relative difference of the per-step loss, split in groups vs one whole process."""
+    import deepspeed
+
+    reference = BalconyModel(whole, DEPTHS)
+    ours = BalconyModel(split, DEPTHS, inputs_per_rank=True)
+    optimizer = torch.optim.AdamW(reference.exits.parameters(), lr=1e-3)
+    params = list(ours.exits.parameters())
+    engine, *_ = deepspeed.initialize(model=ours, optimizer=torch.optim.AdamW(params, lr=1e-3), model_parameters=params,
+                                      config={"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+                                              "zero_optimization": {"stage": 2}})
+    worst = 0.0
+    for step in range(STEPS):
+        ids = torch.randint(3, 256, (world * MICRO, 20), generator=torch.Generator().manual_seed(step))
+        ids = ids.to(next(whole.parameters()).device)
+        expected = exit_losses(reference, reference.logits, DEPTHS, {"input_ids.npy": ids}, None, chunk=64).mean()
+        optimizer.zero_grad()
+        expected.backward()
+        optimizer.step()
+        mine = {"input_ids.npy": ids[rank * MICRO:(rank + 1) * MICRO]}
+        loss = exit_losses(engine, ours.logits, DEPTHS, mine, None, chunk=64).mean()
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        worst = max(worst, abs(float(mean) / world - expected.item()) / expected.item())
+    return worst
 
 
 def differences(name: str, folder: Path, size: int, rank: int, device: torch.device) -> dict[str, float]:
@@ -50,6 +85,7 @@ def differences(name: str, folder: Path, size: int, rank: int, device: torch.dev
     a, b = (Teacher(backbone, fmt, config).targets(shared.numpy(), ["x", "y"]) for backbone in (whole, split))
     for sample_a, sample_b in zip(a, b):
         assert (sample_a[fmt.ids_key] == sample_b[fmt.ids_key]).all(), f"{name}: top-k ids differ"
+    out["training"] = training(whole, split, rank, dist.get_world_size())
     out["teacher"] = max(float(abs(sa[fmt.logprobs_key].astype("float64") - sb[fmt.logprobs_key].astype("float64")).max())
                          for sa, sb in zip(a, b))
     return out
