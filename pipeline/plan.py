@@ -174,6 +174,7 @@ class StagePlan:
     memory: dict[str, float] = field(default_factory=dict)  # per device, by part
     comm_s: float = 0.0  # ZeRO-3 gathers, overlapped with compute (wall is the larger)
     tensor_parallel_s: float = 0.0  # all-reduces of a split backbone, on the critical path (in wall)
+    tensor_parallel_step_bytes: float = 0.0  # what one rank all-reduces per optimizer step (training)
     note: str = ""
 
     @property
@@ -397,6 +398,7 @@ def training_plan(ctx: PlanContext, stage: str, runs: list[ExitRun], train_token
         comm = micro_batches * gathered / ctx.cluster.throughput.network_bytes_per_s
     plan = StagePlan(stage, job, train_tokens, flops, 1, world, max(compute, comm), 0, comm_s=comm,
                      tensor_parallel_s=all_reduce / ctx.cluster.throughput.tensor_parallel_bytes_per_s,
+                     tensor_parallel_step_bytes=all_reduce / max(1, train_tokens // cfg.train.tokens_per_step),
                      memory=memory_per_device(ctx.arch, cfg, runs[0][0], world, ctx.gpu))
     if job.tasks_per_node % split:
         ctx.problems.append(f"{ctx.site}: train.tasks_per_node: {job.tasks_per_node} ranks per node are not whole "
@@ -560,8 +562,10 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
             parts = ", ".join(f"{k} {size(v)}" for k, v in s.memory.items())
             lines.append(f"{s.stage}: memory per device ~{size(sum(s.memory.values()))} ({parts})")
         if s.tensor_parallel_s:
+            per_step = f", {size(s.tensor_parallel_step_bytes)} per rank per step" if s.tensor_parallel_step_bytes else ""
             lines.append(f"{s.stage}: tensor-parallel all-reduces ~{hours(s.tensor_parallel_s)} of the wall time at "
-                         f"{human(cluster.throughput.tensor_parallel_bytes_per_s)}B/s (groups of {cfg.model.tensor_parallel})")
+                         f"{human(cluster.throughput.tensor_parallel_bytes_per_s)}B/s (groups of {cfg.model.tensor_parallel}"
+                         f"{per_step})")
         if s.comm_s:
             lines.append(f"{s.stage}: ZeRO-3 gathers ~{hours(s.comm_s)} at {human(cluster.throughput.network_bytes_per_s)}B/s, "
                          f"overlapped with ~{hours(s.tokens * s.flops_per_token / (s.devices * cluster.throughput.train_flops))} of compute")
