@@ -246,7 +246,7 @@ def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world:
     """Peak memory of one training rank, by part: the frozen backbone (a 1/world share under ZeRO-3, plus
     the gathered layer in use, the next one prefetched and the head; a tensor-parallel slice), the exits'
     weights, gradients and AdamW states by ZeRO stage, the activations the exit layers keep for backward,
-    one loss chunk, and one prefix layer's intermediates (for its whole group's inputs, split)."""
+    one loss chunk, and one prefix layer's intermediates (split, for its whole group's inputs)."""
     b, zero, n, split = arch.dtype_bytes, cfg.train.zero_stage, len(depths), cfg.model.tensor_parallel
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     exit_params = trained_params(arch, cfg.exits.kind, n)
@@ -260,7 +260,8 @@ def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world:
                                       + optim / (world if zero >= 1 else 1)),
         "activations": tokens * n * b * (4 / 3 * per_token_layer + 6 * arch.hidden),
         "loss chunk": cfg.train.chunk_size * arch.vocab * (b + 12),  # logits; fp32 log-softmax, target, gradient
-        "prefix": split * tokens * (arch.hidden + per_token_layer / split) * b,
+        # one layer's intermediates for the group's stacked inputs, split; the other ranks' hidden states
+        "prefix": tokens * (per_token_layer + (split - 1) * arch.hidden) * b,
         **({"runtime": GPU_RUNTIME} if gpu else {}),
     }
 
@@ -268,7 +269,7 @@ def memory_per_device(arch: Architecture, cfg: Config, depths: list[int], world:
 def teacher_memory(arch: Architecture, cfg: Config, gpu: bool) -> dict[str, float]:
     b, split = arch.dtype_bytes, cfg.model.tensor_parallel
     return {"backbone": arch.backbone_bytes(split),
-            "activations": cfg.teacher.batch_size * cfg.data.seq_len * (arch.hidden + max(arch.layer_params) / arch.hidden / split) * b,
+            "activations": cfg.teacher.batch_size * cfg.data.seq_len * max(arch.layer_params) / arch.hidden / split * b,
             "head chunk": cfg.teacher.chunk_size * arch.vocab * (b + 12),
             **({"runtime": GPU_RUNTIME} if gpu else {})}
 
