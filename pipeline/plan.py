@@ -521,16 +521,16 @@ def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
         per_device = sum(plan.memory.values())
         if ctx.gpu:
             limit = parse_bytes(node.gpu_memory, "node.gpu_memory") if node.gpu_memory else 0
-            problem = host_problem(ctx, job, key, ctx.cfg.model.tensor_parallel)
-            if problem:
-                problems.append(problem)
+            host = host_problem(ctx, job, key, ctx.cfg.model.tensor_parallel)
         else:  # a CPU-only job: a rank's share of the node's memory is its device memory
-            limit = asked / job.tasks_per_node if asked else 0
+            limit, host = (asked / job.tasks_per_node if asked else 0), ""
         if limit and per_device > limit:
             biggest = max(plan.memory, key=plan.memory.get)
             problems.append(f"{site}: {plan.stage} needs ~{size(per_device)} per device, more than its "
                             f"{size(limit)}; the largest part is {biggest} ({size(plan.memory[biggest])}): "
                             + memory_advice(ctx, plan.stage, biggest, limit))
+        if host:  # after the device's: what fixes that may fix this
+            problems.append(host)
     if node.disk:
         written = sum(p.bytes_written for p in plans)
         if written > parse_bytes(node.disk, "node.disk"):

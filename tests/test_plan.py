@@ -209,6 +209,7 @@ def test_70b_fits_split_in_fours_and_is_refused_whole_naming_the_split():
     whole = make_plan(seventy("model.tensor_parallel=1"), cluster, chain(cfg)).problems
     split_advice = [p for p in whole if "largest part is backbone" in p]
     assert len(split_advice) == 2 and all("set model.tensor_parallel" in p for p in split_advice), whole
+    assert whole[0] == split_advice[0] and "set model.tensor_parallel 4 " in whole[0]  # the refusal's one line
     three = make_plan(seventy("model.tensor_parallel=3"), cluster, chain(cfg)).problems
     assert three[0] == ("model.tensor_parallel: 3 does not divide the 64 attention heads and 8 KV heads; "
                         "choose one of [1, 2, 4, 8]")
