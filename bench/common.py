@@ -10,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "assets" / "smollm2-135m-instruct"
+DEMO = ROOT / "configs" / "demo.yaml"
 
 
 def corpus_batch(tokenizer, batch: int, seq: int) -> torch.Tensor:

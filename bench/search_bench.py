@@ -18,7 +18,6 @@ import dataclasses
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from pipeline.backbone import load_backbone, load_tokenizer
@@ -27,12 +26,10 @@ from pipeline.config import AUTO, ModelConfig, load_config
 from pipeline.decoder import Decoder
 from pipeline.losses import exit_losses
 from pipeline.search import candidate_depths
-from pipeline.targets import TargetFormat
+from pipeline.targets import TARGETS_KEY, TargetFormat
 from pipeline.teacher import Teacher
 
-from common import BACKBONE, ROOT, corpus_batch
-
-DEMO = ROOT / "configs" / "demo.yaml"
+from common import BACKBONE, DEMO, corpus_batch
 
 
 def main() -> None:
@@ -48,8 +45,7 @@ def main() -> None:
     teacher = dataclasses.replace(demo.teacher, fidelity_positions=0)
     fmt = TargetFormat(teacher, backbone.config.vocab_size)
     targets = Teacher(backbone, fmt, teacher).targets(ids.numpy(), [f"b{i}" for i in range(args.batch)])
-    batch = {"input_ids.npy": ids, **{k: torch.as_tensor(np.stack([t[k] for t in targets]))
-                                      for k in (fmt.ids_key, fmt.logprobs_key)}}
+    batch = {"input_ids.npy": ids, **fmt.decode_batch([t[TARGETS_KEY] for t in targets], ids.shape[1])}
     candidates = candidate_depths(searched, Decoder(backbone).num_layers)
     loss_positions = searched.search.loss_positions
 

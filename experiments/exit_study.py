@@ -100,6 +100,16 @@ ROWS = {
 }
 
 
+def row_names(spec: str, rows: dict) -> list[str] | None:
+    """The rows a comma-separated --rows names; None, after a one-line error, if one is unknown."""
+    names = [n for n in spec.split(",") if n]
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        print(f"error: --rows: unknown row {unknown[0]!r} (rows: {', '.join(rows)})", file=sys.stderr)
+        return None
+    return names
+
+
 def stage_command(script: str, nproc: int, overrides: list[str], config: Path = BASE_CONFIG) -> list[str]:
     python = Path(sys.executable)
     args = [str(ROOT / "stages" / script), "--config", str(config), *overrides]
@@ -242,10 +252,8 @@ def main() -> int:
                         help=f"comma-separated subset of {','.join(ROWS)} ('' rewrites table and plot only)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "exit-study")
     args = parser.parse_args()
-    names = [n for n in args.rows.split(",") if n]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        print(f"error: --rows: unknown row {unknown[0]!r} (rows: {', '.join(ROWS)})", file=sys.stderr)
+    names = row_names(args.rows, ROWS)
+    if names is None:
         return 2
     make_study_data(args.base)
     args.out.mkdir(parents=True, exist_ok=True)

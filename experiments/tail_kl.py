@@ -21,7 +21,7 @@ from pipeline.balcony import BalconyModel
 from pipeline.config import load_config
 from pipeline.losses import full_kl, sparse_kl
 from pipeline.shards import MANIFEST, TOKENS_KEY, read_shard
-from pipeline.targets import TargetFormat
+from pipeline.targets import TARGET_IDS, TARGET_LOGPROBS, TARGETS_KEY, TargetFormat
 
 
 def main() -> None:
@@ -35,12 +35,12 @@ def main() -> None:
     model = BalconyModel.from_pretrained(backbone, args.run / "exits").eval()
     teacher_dir = args.run / "teacher"
     manifest = json.loads((teacher_dir / MANIFEST).read_text())
-    fmt = TargetFormat.from_description(manifest["target_format"])
+    fmt = TargetFormat.from_manifest(manifest, teacher_dir / MANIFEST)
     samples = [s for record in manifest["splits"]["heldout"]["shards"] for s in read_shard(teacher_dir, record)]
     samples = samples[: args.sequences]
     ids = torch.as_tensor(np.stack([s[TOKENS_KEY] for s in samples])).long()
-    target = fmt.decode({k: torch.as_tensor(np.stack([s[k] for s in samples])).flatten(0, 1)
-                         for k in (fmt.ids_key, fmt.logprobs_key)})
+    decoded = fmt.decode_batch([s[TARGETS_KEY] for s in samples], ids.shape[1])
+    target = fmt.target(decoded[TARGET_IDS].flatten(0, 1), decoded[TARGET_LOGPROBS].flatten(0, 1))
     print(f"{args.run}: {ids.numel():,} held-out positions, top-{fmt.entries} targets, "
           f"teacher mass outside them {float(target.rest.mean()):.3f}")
     with torch.no_grad():

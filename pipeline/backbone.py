@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.decoder import check_supported, text_decoder
+from pipeline.decoder import check_supported, keep_layers, text_decoder
 from pipeline.errors import ConfigError, InputError
 from pipeline.shards import atomic_write, file_sha256
 
@@ -84,7 +84,7 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     folder = weights_dir(model)
     if not list(folder.glob("*.safetensors")):
         raise InputError(f"model.backbone: {folder} has no .safetensors weights (pickled checkpoints are not loaded)")
-    overrides = {"num_hidden_layers": model.num_layers} if model.num_layers else {}
+    overrides = {"config": truncated_config(model, folder)} if model.num_layers else {}
     verbosity = transformers_logging.get_verbosity()
     if model.num_layers:  # the dropped layers' weights are reported as unexpected: that is the point
         transformers_logging.set_verbosity_error()
@@ -104,6 +104,15 @@ def load_backbone(model: ModelConfig, device: torch.device | str = "cpu"):
     check_supported(backbone)  # before any work: a model Balcony cannot run layer by layer is refused here
     backbone.requires_grad_(False)
     return backbone.eval().to(device)
+
+
+def truncated_config(model: ModelConfig, folder: Path):
+    """The backbone's config cut to its first `model.num_layers` layers (fast tests)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+    keep_layers(config.get_text_config(), range(model.num_layers))
+    return config
 
 
 def check_tensor_parallel(config, size: int, where: str) -> None:
@@ -168,7 +177,7 @@ def backbone_on_meta(model: ModelConfig):
         raise InputError(f"model.backbone: cannot read the config.json of {model.backbone!r} ({str(e).splitlines()[0]}); "
                          "offline, point model.backbone at a folder holding it") from None
     if model.num_layers:
-        config.num_hidden_layers = model.num_layers
+        keep_layers(config.get_text_config(), range(model.num_layers))
     with torch.device("meta"):
         backbone = text_decoder(AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code))
     check_supported(backbone)

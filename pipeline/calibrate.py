@@ -54,13 +54,15 @@ def exits_step(model, teacher, cfg: Config, online: bool):
     """One training step of `model`'s exits on one random micro-batch: against its cached-format targets
     (made by `teacher`), or with `online` against the backbone's own forward in the same pass."""
     from pipeline.losses import exit_losses
+    from pipeline.targets import TARGETS_KEY
 
     device = next(model.parameters()).device
     ids = random_ids(cfg.train.micro_batch_size, cfg.data.seq_len, model.decoder.config.vocab_size, seed=1)
     batch = {"input_ids.npy": torch.as_tensor(ids, device=device)}
     if not online:
         targets = teacher.targets(ids, [f"sample-{i}" for i in range(len(ids))])
-        batch.update({k: torch.as_tensor(np.stack([t[k] for t in targets]), device=device) for k in targets[0]})
+        decoded = teacher.fmt.decode_batch([t[TARGETS_KEY] for t in targets], ids.shape[1])
+        batch.update({k: v.to(device) for k, v in decoded.items()})
     optimizer = torch.optim.AdamW([p for p in model.exits.parameters() if p.requires_grad], lr=1e-6)
     generator = torch.Generator().manual_seed(0)
 

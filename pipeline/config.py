@@ -204,11 +204,10 @@ class TeacherConfig:
     k: int = _num(64, gt=0)
     """Top-k entries per position."""
     samples: int = _num(24, gt=0)
-    """Draws per position (sampled)."""
-    compact: bool = True
-    """Bit-packed ids and quantised log-probs; false: float16 + int32."""
+    """Draws per position (sampled); each distinct token drawn is stored once, with its count."""
     logprob_bits: int = _num(12, ge=4, le=16)
-    """Bits per quantised log-prob (compact)."""
+    """Bits per quantised log-prob, on [-24, 0] nats. Top-k weighs its ids by them; a sampled target's gradient
+    never reads them (only its logged loss does), so 8 train the same exits as 12."""
     fidelity_positions: int = _num(64, ge=0)
     """Positions per batch checked against the full distribution (logged, not stored)."""
     seed: int = _num(0, ge=0)

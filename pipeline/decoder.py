@@ -78,6 +78,18 @@ def check_supported(backbone) -> None:
                          f"(known: {sorted(_mask_functions())})")
 
 
+def keep_layers(config, indices) -> None:
+    """Make `config` (in place) that of a model of the given layers of its own, in that order:
+    num_hidden_layers and every per-layer setting (layer_types, SmolLM3's no_rope_layers, ...) cut to
+    match, so that transformers builds, loads and saves such a model as one of its own."""
+    indices = list(indices)
+    layers = config.num_hidden_layers
+    config.num_hidden_layers = len(indices)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == layers:
+            setattr(config, key, [value[i] for i in indices])
+
+
 def layer_types(config) -> list[str]:
     """The attention type of each layer: config.layer_types, else what transformers' KV cache infers
     without them: sliding for every layer when the config has a sliding window (Mistral), chunked
@@ -208,10 +220,7 @@ class Decoder:
         depth + 1 layers and every per-layer setting (layer_types, SmolLM3's no_rope_layers, ...) cut
         to match, the last one from `source`: saved, it is a checkpoint plain transformers loads."""
         config = copy.deepcopy(self.config)
-        config.num_hidden_layers = depth + 1
-        for key, value in vars(self.config).items():
-            if isinstance(value, list) and len(value) == self.num_layers:
-                setattr(config, key, [*value[:depth], value[source]])
+        keep_layers(config, [*range(depth), source])
         inner = copy.copy(self.inner)
         inner._modules = dict(inner._modules)
         inner.layers = nn.ModuleList([*self.layers[:depth], layer])

@@ -32,6 +32,7 @@ from pipeline.losses import next_token_labels
 from pipeline.registry import TOKENIZE
 from pipeline.shards import MANIFEST, TOKENS_KEY, read_manifest, read_shard
 from pipeline.sources import stream_documents
+from pipeline.stage import stop_at_time_limit
 from pipeline.timing import measure_speed
 
 
@@ -169,6 +170,7 @@ def score(model: BalconyModel, baselines: list[BalconyModel], variants: list[Var
     """Every variant's metrics on `sequences` (batches of settings.batch_size), as rows."""
     with tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc=desc) as bar:
         for batch in sequences.split(settings.batch_size):
+            stop_at_time_limit(f"during {desc}, scored again after the requeue", model.decoder.tensor_parallel)
             score_batch(model, baselines, variants, batch.to(device), settings.chunk_size)
             bar.update(batch.numel())
     return [{"name": v.name, "kind": v.kind, "depth": v.depth, "relative_cost": v.cost, **v.metrics()} for v in variants]
@@ -190,6 +192,7 @@ def evaluate(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], se
                    "rows": quality(cfg, model, baselines, seqs, device, name)}
                   for name, seqs in sets.items() if name != "heldout"]
     if cfg.eval.speed:
+        stop_at_time_limit("before the speed measurements, scored again after the requeue", model.decoder.tensor_parallel)
         measure_speed(cfg.eval, model, rows, sequences.to(device))
     return {"num_layers": model.num_layers, "depths": model.depths, "heldout_sequences": len(sequences),
             "heldout_tokens": sequences.numel(), "device": device.type, "rows": rows, "other_data": other_data}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.targets import SparseTarget, TargetFormat
+from pipeline.targets import TARGET_IDS, TARGET_LOGPROBS, SparseTarget, TargetFormat
 
 TINY = 1e-30  # floor for a student's mass outside the top-k ids (its log is taken)
 
@@ -150,8 +150,7 @@ def exit_losses(forward: Callable, head: torch.nn.Module, depths: list[int], bat
             labels = pick(next_token_labels(input_ids))
             target, positions = one_hot_target(labels), int((labels != -100).sum())
         else:
-            target = fmt.decode({k: pick(v.flatten(0, 1)) for k, v in batch.items()
-                                 if k in (fmt.ids_key, fmt.logprobs_key)})
+            target = fmt.target(pick(batch[TARGET_IDS].flatten(0, 1)), pick(batch[TARGET_LOGPROBS].flatten(0, 1)))
 
         def loss_of_chunk(logits, start, stop, with_grad):
             return sparse_kl(logits, target.rows(start, stop), with_grad)

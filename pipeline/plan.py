@@ -33,6 +33,12 @@ FIT = 0.8  # share of a time limit a task may plan to use: the rest absorbs star
 GIB = 1 << 30
 GPU_RUNTIME = 2 * GIB  # CUDA context and allocator slack per GPU
 TOKEN_BYTES = 4  # int32 token ids in the shards
+# A sampled cache stores each position's distinct draws, and a count for those drawn more than once: how
+# many of each depends on how peaked the teacher is. Measured on the demo's teacher (SmolLM2-135M-Instruct on
+# the embedded corpus; results/teacher-cache/formats.txt: 7.9, 13.2 and 21.9 distinct of 16, 32 and 64
+# draws, 0.25-0.27 of them repeated; the demo's teacher manifest: 22.1 of 64 over its 139k tokens):
+# ~DISTINCT_SCALE * n ** DISTINCT_POWER distinct tokens among n draws; a sharper teacher stores fewer.
+DISTINCT_SCALE, DISTINCT_POWER, REPEATED_SHARE = 1.03, 0.74, 0.27
 
 
 # ---------------------------------------------------------------- sizes and times as SLURM writes them
@@ -363,11 +369,16 @@ def teacher_plan(ctx: PlanContext) -> StagePlan:
     all-reduces (not overlapped: the next layer waits on them)."""
     arch, split, rates = ctx.arch, ctx.cfg.model.tensor_parallel, ctx.cluster.throughput
     fmt = TargetFormat(ctx.cfg.teacher, arch.vocab)
+    distinct = min(fmt.entries, DISTINCT_SCALE * fmt.entries**DISTINCT_POWER) if fmt.kind == "sampled" else None
+    target_bytes = fmt.bytes_per_position(distinct, REPEATED_SHARE)
     flops = arch.forward_flops(ctx.cfg.data.seq_len)
     all_reduce = arch.tensor_parallel_bytes(arch.layers, split) / rates.tensor_parallel_bytes_per_s
     plan = array_plan(ctx, TEACHER_LOGITS.name, group_job(ctx.cluster.teacher, split), "teacher",
                       flops / (split * rates.teacher_flops) + all_reduce, flops,
-                      ctx.tokens * (fmt.bytes_per_position() + TOKEN_BYTES))
+                      ctx.tokens * (target_bytes + TOKEN_BYTES))
+    if distinct is not None:
+        plan.note = (f"{target_bytes:.0f} target bytes per token: {distinct:.1f} distinct of {fmt.entries} draws per "
+                     "position assumed (as SmolLM2-135M's, results/teacher-cache/; a sharper teacher stores fewer)")
     plan.tensor_parallel_s = all_reduce * plan.wall_s / (all_reduce + flops / (split * rates.teacher_flops))
     plan.memory = teacher_memory(arch, ctx.cfg, ctx.gpu)
     return plan
@@ -502,7 +513,7 @@ def host_problem(ctx: PlanContext, job: JobConfig, key: str, split: int) -> str:
 
 def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
     """Requests a node cannot grant, memory a device or node cannot hold, output the disk cannot take."""
-    node, problems, arch, site = ctx.cluster.node, [], ctx.arch, ctx.site
+    node, problems, site = ctx.cluster.node, [], ctx.site
     key_of = {TOKENIZE.name: "tokenize", TEACHER_LOGITS.name: "teacher", SEARCH_EXITS.name: "train",
               TRAIN_EXITS.name: "train", EVALUATE.name: "evaluate"}
     node_memory = parse_bytes(node.memory, "node.memory") if node.memory else 0
@@ -534,8 +545,9 @@ def resource_problems(ctx: PlanContext, plans: list[StagePlan]) -> list[str]:
     if node.disk:
         written = sum(p.bytes_written for p in plans)
         if written > parse_bytes(node.disk, "node.disk"):
+            entries = "teacher.k" if ctx.cfg.teacher.format == "topk" else "teacher.samples"
             problems.append(f"{site}: node.disk: the run writes ~{size(written)}, more than the {node.disk} free; "
-                            "lower data.train_tokens or teacher.k, or free space")
+                            f"lower data.train_tokens or {entries}, or free space")
     return problems
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from pipeline.errors import ShardError
 
 # The format of everything a run directory holds (headers, manifests, shards, exits, metrics). Any
 # change bumps it; a directory of another version is refused, never converted.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PARTS = ".parts"
 TOKENS_KEY = "input_ids.npy"  # every shard format carries the token ids of its samples
@@ -80,6 +80,7 @@ class ShardRecord:
     tokens: int
     bytes: int
     sha256: str
+    totals: dict[str, int] = field(default_factory=dict)  # a stage's own counts, summed per split by the manifest
 
 
 def encode_shard(samples: Iterable[dict]) -> tuple[bytes, int, int]:
@@ -97,12 +98,13 @@ def encode_shard(samples: Iterable[dict]) -> tuple[bytes, int, int]:
     return buffer.getvalue(), count, tokens
 
 
-def write_shard(stage_dir: Path, split: str, index: int, samples: Iterable[dict]) -> ShardRecord:
+def write_shard(stage_dir: Path, split: str, index: int, samples: Iterable[dict],
+                totals: dict[str, int] | None = None) -> ShardRecord:
     path = shard_path(stage_dir, split, index)
     data, count, tokens = encode_shard(samples)
     record = ShardRecord(
         file=str(path.relative_to(stage_dir)), samples=count, tokens=tokens, bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(), totals=dict(totals or {}),
     )
     atomic_write(path, data)
     atomic_write(_receipt_path(path), json.dumps(asdict(record)).encode())
@@ -157,9 +159,9 @@ def claim_directory(stage_dir: Path, header: dict, write: bool = True) -> None:
 
 
 def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int],
-                      summary: Callable[[], dict] | None = None) -> dict | None:
-    """Write manifest.json once every shard of every split has a receipt (with `summary()`'s fields);
-    return it, else None."""
+                      summary: Callable[[dict], dict] | None = None) -> dict | None:
+    """Write manifest.json once every shard of every split has a receipt (with `summary(splits)`'s
+    fields); return it, else None."""
     splits = {}
     for split, count in shard_counts.items():
         records = [completed_record(stage_dir, split, i) for i in range(count)]
@@ -170,8 +172,9 @@ def finalize_manifest(stage_dir: Path, header: dict, shard_counts: dict[str, int
             "samples": sum(r.samples for r in records),
             "tokens": sum(r.tokens for r in records),
             "bytes": sum(r.bytes for r in records),
+            "totals": {key: sum(r.totals.get(key, 0) for r in records) for key in (records[0].totals if records else {})},
         }
-    manifest = {**header, **(summary() if summary else {}), "format_version": FORMAT_VERSION, "splits": splits}
+    manifest = {**header, **(summary(splits) if summary else {}), "format_version": FORMAT_VERSION, "splits": splits}
     atomic_write(Path(stage_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode(), shared=True)
     return manifest
 

@@ -25,26 +25,45 @@ from pipeline.tracking import Tracker, stage_run
 _time_limit_signalled = False
 
 
-def watch_time_limit(stop_at_once: bool) -> None:
-    """SLURM sends SIGUSR1 `requeue_grace_s` before the time limit (sbatch --signal). A stage whose work
-    commits shard by shard stops at once (`stop_at_once`: the shard under way is redone after the requeue);
-    training only records it and stops at the end of its step, after a checkpoint (time_limit_signalled)."""
+def watch_time_limit() -> None:
+    """SLURM sends SIGUSR1 `requeue_grace_s` before the time limit (sbatch --signal). The handler only
+    records it; the stage stops at its next safe point (`stop_at_time_limit`: between batches, shards or
+    training steps). An exception raised by the handler itself would land wherever the process is: inside
+    a library call that swallows or rewraps it (the tracker's), or between two collectives of a
+    multi-rank job, leaving the other ranks waiting."""
 
     def handler(signum, frame):
         global _time_limit_signalled
         _time_limit_signalled = True
-        if stop_at_once:
-            raise TimeLimit("signalled before the time limit")
 
     signal.signal(signal.SIGUSR1, handler)
 
 
-def time_limit_signalled() -> bool:
-    return _time_limit_signalled
+def time_limit_signalled(group=None) -> bool:
+    """Whether SLURM's warning has reached this process or, given the process `group` that does the next
+    piece of work together (a tensor-parallel group, training's ranks), any of its ranks: every rank of
+    the group gets the same answer at the same point (a collective), so all of them stop there together."""
+    import torch
+    import torch.distributed as dist
+
+    if group is None:
+        return _time_limit_signalled
+    cuda = dist.get_backend(group) == "nccl"
+    signalled = torch.tensor([float(_time_limit_signalled)],
+                             device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    dist.all_reduce(signalled, op=dist.ReduceOp.MAX, group=group)
+    return bool(signalled.item())
 
 
-def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None,
-              stop_at_once: bool = True) -> None:
+def stop_at_time_limit(where: str, group=None) -> None:
+    """A safe point of a stage whose work is committed piece by piece (shards) or cheap to redo (scores):
+    after SLURM's warning, stop here (with every rank of `group`, see time_limit_signalled); the requeued
+    job redoes what was under way."""
+    if time_limit_signalled(group):
+        raise TimeLimit(where)
+
+
+def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None], argv=None) -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="config keys (YAML sections, or key.path=value overrides):\n" + reference_text())
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
@@ -54,15 +73,15 @@ def run_stage(description: str, body: Callable[[Config, tuple[int, int]], None],
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
-    watch_time_limit(stop_at_once)
+    watch_time_limit()
     try:
         cfg = load_config(args.config, args.overrides)
         body(cfg, resolve_task(args.task_index, args.num_tasks))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TimeLimit:
-        print(f"{Path(sys.argv[0]).stem}: stopped before the time limit; what was committed stays and the "
+    except TimeLimit as e:
+        print(f"{Path(sys.argv[0]).stem}: stopped before the time limit ({e}); what was committed stays and the "
               "requeued job resumes from it", file=sys.stderr, flush=True)
         sys.exit(REQUEUE_EXIT)
 
@@ -84,12 +103,13 @@ def run_sharded(
     counts: dict[str, int],
     task: tuple[int, int],
     write: Callable[[list[Shard], Tracker], int],
-    summary: Callable[[], dict] | None = None,
+    summary: Callable[[dict], dict] | None = None,
 ) -> dict | None:
     """Drive a sharded stage; `write(todo, tracker)` commits the given shards and returns tokens written.
-    `summary()`: fields the manifest adds when the set is complete. A task of several processes (the
-    ranks of a tensor-parallel group) runs `write` on each, on rank 0's view of what is to do; only
-    rank 0 writes files (`writes_files`) and tracks.
+    `summary(splits)`: fields the manifest adds when the set is complete (from the splits' shard records;
+    the numeric ones are logged too). A task of several processes (the ranks of a tensor-parallel group)
+    runs `write` on each, on rank 0's view of what is to do; only rank 0 writes files (`writes_files`)
+    and tracks.
 
     Returns the manifest once the set is complete (now or earlier), else None.
     """
@@ -114,14 +134,21 @@ def run_sharded(
         seconds = time.perf_counter() - start
         tracker.metrics({"tokens_written": tokens, "shards_written": len(todo),
                          "tokens_per_s": tokens / seconds if seconds > 0 else 0.0})
-        manifest = finalize_manifest(out, header, counts, summary)
+        added = {}  # the summary's fields, logged beside the manifest's own figures
+
+        def summarise(splits: dict) -> dict:
+            added.update(summary(splits) if summary else {})
+            return added
+
+        manifest = finalize_manifest(out, header, counts, summarise)
         if manifest is None:
             print(f"{stage}: task {index}/{count} done; the manifest is written when the other tasks finish")
             return None
         train, heldout = manifest["splits"]["train"], manifest["splits"]["heldout"]
         tracker.metrics({"tokens": train["tokens"], "sequences": train["samples"], "shards": len(train["shards"]),
                          "heldout_tokens": heldout["tokens"],
-                         "bytes_per_token": (train["bytes"] + heldout["bytes"]) / (train["tokens"] + heldout["tokens"])})
+                         "bytes_per_token": (train["bytes"] + heldout["bytes"]) / (train["tokens"] + heldout["tokens"]),
+                         **{k: v for k, v in added.items() if isinstance(v, (int, float))}})
         tracker.artifact(out / MANIFEST)
         print(f"{stage}: wrote {out / MANIFEST}: {train['tokens']:,} train tokens in {len(train['shards'])} shards, "
               f"{heldout['tokens']:,} held-out tokens ({tokens / max(seconds, 1e-9):,.0f} tok/s)")

@@ -8,22 +8,33 @@ Formats (`teacher.format`):
   over draws of log p(x) - log q(x) is an unbiased estimate of KL(p || q) and its gradient
   (Anshumann et al., ACL 2025, "Sparse Logit Sampling"), at the cost of variance.
 
-Bytes: ids are bit-packed in ceil(log2 V) bits; log-probs are quantised uniformly on
-[-LOGPROB_RANGE, 0] in `teacher.logprob_bits` bits (probabilities below e^-24 clamp). With
-`teacher.compact: false` a format is stored naively (float16 log-probs, int32 ids) for comparison.
-Packing runs in torch, on the device that computed the logits.
+Bytes. Ids are bit-packed in ceil(log2 V) bits; log-probs are quantised uniformly on
+[-LOGPROB_RANGE, 0] in `teacher.logprob_bits` bits (probabilities below e^-24 clamp). A top-k
+position is k ids and k log-probs. n draws from a peaked distribution hold far fewer distinct
+tokens, so a sampled position stores each distinct token once: its id, its log-prob and how many
+draws it took (the draws are exchangeable: their order carries nothing); most are drawn once, so a
+flag says which were drawn more, and only those carry a count. Decoding expands the counts back
+into n draws sorted by id, so the loss and its gradient are those of the draws themselves, bit for
+bit. A sequence's targets are one uint8 array (`TARGETS_KEY`): top-k a row per position; sampled
+the distinct counts of every position, then every position's ids, log-probs and drawn-more-than-
+once flags, then the draw counts of the flagged, each stream bit-packed. Packing runs in torch, on
+the device of the logits.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.config import TeacherConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ShardError
 
 LOGPROB_RANGE = 24.0  # nats
+TARGETS_KEY = "targets.npy"  # one sequence's encoded targets, in a teacher shard
+# a micro-batch's decoded targets, [B, T, entries] each: what the training loop reads
+TARGET_IDS, TARGET_LOGPROBS = "target_ids", "target_logprobs"
 
 
 @dataclass
@@ -59,45 +70,52 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (flat << torch.arange(bits, device=packed.device)).sum(-1)
 
 
+def packed_bytes(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
+
+
 # ---------------------------------------------------------------- formats
 
 
 class TargetFormat:
-    """Encodes chunks of full-vocabulary log-probs into per-position arrays, and decodes them."""
+    """Selects each position's targets from full-vocabulary logits, and encodes / decodes a sequence's."""
 
     def __init__(self, cfg: TeacherConfig, vocab_size: int):
-        self.kind, self.compact, self.vocab_size = cfg.format, cfg.compact, vocab_size
+        self.kind, self.vocab_size = cfg.format, vocab_size
         self.entries = cfg.k if cfg.format == "topk" else cfg.samples
         if cfg.format == "topk" and cfg.k >= vocab_size:
             raise ConfigError(f"teacher.k: must be below the vocabulary size {vocab_size}, got {cfg.k}")
         self.id_bits = max(1, math.ceil(math.log2(vocab_size)))
         self.logprob_bits = cfg.logprob_bits
+        self.count_bits = max(1, math.ceil(math.log2(self.entries)))  # sampled: distinct - 1 and count - 2 < n
         self.step = LOGPROB_RANGE / (2**cfg.logprob_bits - 1)
-        prefix = "topk" if cfg.format == "topk" else "sample"
-        self.ids_key, self.logprobs_key = f"{prefix}_ids.npy", f"{prefix}_logprobs.npy"
 
     @classmethod
-    def from_description(cls, description: dict) -> "TargetFormat":
+    def from_manifest(cls, manifest: dict, path) -> "TargetFormat":
         """The format a teacher manifest records; refuses one this code cannot decode exactly."""
+        description = manifest["target_format"]
         kind, entries = description["format"], description["entries"]
         cfg = TeacherConfig(format=kind, k=entries if kind == "topk" else 64,
-                            samples=entries if kind == "sampled" else 24, compact=description["compact"],
-                            logprob_bits=description["logprob_bits"] if description["compact"] else 12)
+                            samples=entries if kind == "sampled" else 24, logprob_bits=description["logprob_bits"])
         fmt = cls(cfg, description["vocab_size"])
         if fmt.describe() != description:
-            raise ConfigError(f"target_format: {description} is not a format this version reads ({fmt.describe()})")
+            raise ShardError(f"{path}: target_format {description} is not a format this version reads "
+                             f"({fmt.describe()}); rerun teacher-logits into a new run.dir")
         return fmt
 
     def describe(self) -> dict:
         """The parameters recorded in the manifest; a reader refuses shards whose format differs."""
-        return {"format": self.kind, "entries": self.entries, "compact": self.compact, "vocab_size": self.vocab_size,
-                "id_bits": self.id_bits if self.compact else 32,
-                "logprob_bits": self.logprob_bits if self.compact else 16, "logprob_range": LOGPROB_RANGE}
+        out = {"format": self.kind, "entries": self.entries, "vocab_size": self.vocab_size, "id_bits": self.id_bits,
+               "logprob_bits": self.logprob_bits, "logprob_range": LOGPROB_RANGE}
+        return out if self.kind == "topk" else {**out, "count_bits": self.count_bits}
 
-    def bytes_per_position(self) -> int:
-        if not self.compact:
-            return self.entries * (4 + 2)
-        return math.ceil(self.entries * self.id_bits / 8) + math.ceil(self.entries * self.logprob_bits / 8)
+    def bytes_per_position(self, distinct: float | None = None, repeated: float | None = None) -> float:
+        """Target bytes per position; sampled: for a mean of `distinct` tokens per position of which a share
+        `repeated` is drawn more than once (both the teacher's: a sharper teacher has fewer of each)."""
+        if self.kind == "topk":
+            return packed_bytes(self.entries, self.id_bits) + packed_bytes(self.entries, self.logprob_bits)
+        per_id = self.id_bits + self.logprob_bits + 1 + repeated * self.count_bits
+        return (self.count_bits + distinct * per_id) / 8
 
     def select(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which ids to keep per position: [n, V] fp32 logits -> (ids [n, m], log-probs over the full vocab).
@@ -118,18 +136,83 @@ class TargetFormat:
         ids = torch.searchsorted(cdf, uniforms * total).clamp_(max=self.vocab_size - 1)
         return ids, unnormalised.gather(-1, ids).log() - total.log()
 
-    def encode(self, ids: torch.Tensor, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self.compact:
-            return {self.ids_key: ids.to(torch.int32), self.logprobs_key: logprobs.to(torch.float16)}
-        levels = (-logprobs / self.step).round().clamp_(0, 2**self.logprob_bits - 1)
-        return {self.ids_key: pack_bits(ids, self.id_bits), self.logprobs_key: pack_bits(levels, self.logprob_bits)}
+    def _levels(self, logprobs: torch.Tensor) -> torch.Tensor:
+        return (-logprobs / self.step).round().clamp_(0, 2**self.logprob_bits - 1).long()
 
-    def decode(self, arrays: dict[str, torch.Tensor]) -> SparseTarget:
-        ids, values = arrays[self.ids_key], arrays[self.logprobs_key]
-        if self.compact:
-            ids = unpack_bits(ids, self.id_bits, self.entries)
-            values = -unpack_bits(values, self.logprob_bits, self.entries).float() * self.step
-        ids, logprobs = ids.long(), values.float()
+    def _logprobs(self, levels: torch.Tensor) -> torch.Tensor:
+        return -levels.float() * self.step
+
+    def _quantised(self, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each position's entries as stored: log-prob levels; sampled draws in id order (their order carries
+        nothing)."""
+        if self.kind == "sampled":
+            ids, order = ids.sort(-1)
+            logprobs = logprobs.gather(-1, order)
+        return ids, self._levels(logprobs)
+
+    def stored(self, ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decode(encode(ids, logprobs)) gives back: log-probs quantised; draws sorted by id."""
+        ids, levels = self._quantised(ids, logprobs)
+        return ids, self._logprobs(levels)
+
+    def encode(self, ids: torch.Tensor, logprobs: torch.Tensor) -> np.ndarray:
+        """One sequence's targets, [T, m] ids and log-probs -> a uint8 array (`TARGETS_KEY`)."""
+        ids, levels = self._quantised(ids, logprobs)
+        if self.kind == "topk":
+            packed = torch.cat([pack_bits(ids, self.id_bits), pack_bits(levels, self.logprob_bits)], dim=-1)
+            return packed.cpu().numpy()
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # where each distinct id's run of draws begins
+        starts = first.flatten().nonzero().squeeze(1)
+        counts = torch.diff(starts, append=starts.new_tensor([ids.numel()]))  # runs never cross positions
+        repeated = counts > 1  # ~1 in 4 on SmolLM2: a flag each, and a count for those alone
+        streams = [(first.sum(-1) - 1, self.count_bits), (ids.flatten()[starts], self.id_bits),
+                   (levels.flatten()[starts], self.logprob_bits), (repeated, 1), (counts[repeated] - 2, self.count_bits)]
+        return torch.cat([pack_bits(values, bits) for values, bits in streams]).cpu().numpy()
+
+    def _distinct(self, data: torch.Tensor, positions: int) -> torch.Tensor:
+        """A sampled sequence's distinct ids per position, [T], from the head of its encoded array."""
+        return unpack_bits(data[:packed_bytes(positions, self.count_bits)], self.count_bits, positions) + 1
+
+    def stored_entries(self, data: np.ndarray, positions: int) -> int:
+        """(id, log-prob) entries an encoded sequence stores: T x k for top-k, its distinct ids for sampled."""
+        if self.kind == "topk":
+            return positions * self.entries
+        return int(self._distinct(torch.as_tensor(data), positions).sum())
+
+    def decode(self, data: np.ndarray | torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of encode: -> (ids [T, m] int64, log-probs [T, m] float32)."""
+        data = torch.as_tensor(data)
+        if self.kind == "topk":
+            id_bytes = packed_bytes(self.entries, self.id_bits)
+            ids = unpack_bits(data[:, :id_bytes], self.id_bits, self.entries)
+            return ids, self._logprobs(unpack_bits(data[:, id_bytes:], self.logprob_bits, self.entries))
+        head = packed_bytes(positions, self.count_bits)
+        total = int(self._distinct(data, positions).sum()) if data.numel() >= head else 0
+        sizes = [packed_bytes(total, bits) for bits in (self.id_bits, self.logprob_bits, 1)]
+        if total == 0 or data.numel() < head + sum(sizes):
+            raise ShardError(f"sampled targets of {data.numel()} bytes, fewer than the {head + sum(sizes)} that "
+                             f"{positions} positions with {total} distinct ids take")
+        ids, levels, repeated = (unpack_bits(piece, bits, total).to(dtype) for piece, bits, dtype in
+                                 zip(data[head:head + sum(sizes)].split(sizes), (self.id_bits, self.logprob_bits, 1),
+                                     (torch.long, torch.long, torch.bool)))
+        many = int(repeated.sum())
+        if data.numel() != head + sum(sizes) + packed_bytes(many, self.count_bits):
+            raise ShardError(f"sampled targets of {data.numel()} bytes, expected "
+                             f"{head + sum(sizes) + packed_bytes(many, self.count_bits)} for {positions} positions "
+                             f"with {total} distinct ids, {many} drawn more than once")
+        counts = torch.ones(total, dtype=torch.long)
+        counts[repeated] = unpack_bits(data[head + sum(sizes):], self.count_bits, many) + 2
+        ids, levels = (values.repeat_interleave(counts).view(positions, self.entries) for values in (ids, levels))
+        return ids, self._logprobs(levels)
+
+    def decode_batch(self, encoded: list, positions: int) -> dict[str, torch.Tensor]:
+        """Encoded sequences -> the micro-batch arrays the loss reads: TARGET_IDS, TARGET_LOGPROBS [B, T, m]."""
+        ids, logprobs = zip(*(self.decode(data, positions) for data in encoded))
+        return {TARGET_IDS: torch.stack(ids), TARGET_LOGPROBS: torch.stack(logprobs)}
+
+    def target(self, ids: torch.Tensor, logprobs: torch.Tensor) -> SparseTarget:
+        """Decoded [n, m] ids and log-probs as the loss reads them."""
         if self.kind == "topk":
             weights = logprobs.exp()
             return SparseTarget(ids, logprobs, weights, rest=(1.0 - weights.sum(-1)).clamp_(min=0.0))

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.decoder import Decoder
 from pipeline.losses import full_kl, sparse_kl
-from pipeline.targets import SparseTarget, TargetFormat
+from pipeline.targets import TARGETS_KEY, SparseTarget, TargetFormat
 
 
 def sample_uniforms(seed: int, key: str, length: int, draws: int) -> torch.Tensor:
@@ -99,23 +99,21 @@ class Teacher:
             uniforms = torch.cat([sample_uniforms(self.cfg.seed, k, length, self.fmt.entries) for k in keys])
             uniforms = uniforms.to(self.device)
         probes = torch.linspace(0, batch * length - 1, self.cfg.fidelity_positions).long().tolist()
-        pieces: dict[str, list[torch.Tensor]] = {}
+        chosen, values = [], []
         for start in range(0, batch * length, self.cfg.chunk_size):
             stop = min(start + self.cfg.chunk_size, batch * length)
             logits = self.decoder.logits(hidden[start:stop]).float()
             rows = [p - start for p in probes if start <= p < stop]
             probe_logprobs = logits[rows].log_softmax(-1) if rows else None  # before select overwrites logits
-            chosen, values = self.fmt.select(logits, None if uniforms is None else uniforms[start:stop])
-            encoded = self.fmt.encode(chosen, values)
-            for name, array in encoded.items():
-                pieces.setdefault(name, []).append(array.cpu())
+            ids_chunk, values_chunk = self.fmt.select(logits, None if uniforms is None else uniforms[start:stop])
+            chosen.append(ids_chunk)
+            values.append(values_chunk)
             if rows:
-                self._probe(probe_logprobs, {k: v[rows] for k, v in encoded.items()},
+                self._probe(probe_logprobs, self.fmt.target(*self.fmt.stored(ids_chunk[rows], values_chunk[rows])),
                             lens_hidden[[start + r for r in rows]])
-        arrays = {name: torch.cat(parts).reshape(batch, length, *parts[0].shape[1:]).numpy()
-                  for name, parts in pieces.items()}
-        return [{name: array[b] for name, array in arrays.items()} for b in range(batch)]
+        chosen, values = torch.cat(chosen).view(batch, length, -1), torch.cat(values).view(batch, length, -1)
+        return [{TARGETS_KEY: self.fmt.encode(chosen[b], values[b])} for b in range(batch)]
 
-    def _probe(self, teacher_logprobs, encoded, lens_hidden) -> None:
+    def _probe(self, teacher_logprobs, target, lens_hidden) -> None:
         student_logits = self.decoder.logits(self.decoder.norm(lens_hidden)).float()
-        self.fidelity.update(self.fmt, teacher_logprobs, self.fmt.decode(encoded), student_logits)
+        self.fidelity.update(self.fmt, teacher_logprobs, target, student_logits)

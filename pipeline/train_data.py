@@ -12,6 +12,8 @@ per-rank micro-batches, in an order a resumed run can skip to without reading wh
   before it.
 - A shard is checked against its manifest record (size, sha256) when this process first opens it,
   before any of its samples is used: nothing hashes the whole dataset up front.
+- A teacher shard's encoded targets are decoded sample by sample into the [B, T, entries] ids and
+  log-probs the loss reads (`TARGET_IDS`, `TARGET_LOGPROBS`).
 - `num_workers: 1` reads and decodes in one background process (the order is kept); 0 in the
   training process.
 """
@@ -29,12 +31,15 @@ import webdataset as wds
 
 from pipeline.errors import ShardError
 from pipeline.shards import TOKENS_KEY, verify_shard
+from pipeline.targets import TARGETS_KEY, TargetFormat
 
 
 class TrainBatches:
-    def __init__(self, stage_dir: Path, manifest: dict, target_keys: tuple[str, ...], micro_batch: int,
+    def __init__(self, stage_dir: Path, manifest: dict, fmt: TargetFormat | None, micro_batch: int,
                  rank: int, world: int, seed: int, num_workers: int = 0):
-        self.dir, self.keys, self.micro_batch = Path(stage_dir), (TOKENS_KEY, *target_keys), micro_batch
+        """`fmt`: the teacher shards' target format; None: token shards (no targets)."""
+        self.dir, self.fmt, self.micro_batch = Path(stage_dir), fmt, micro_batch
+        self.keys = (TOKENS_KEY,) if fmt is None else (TOKENS_KEY, TARGETS_KEY)
         self.rank, self.world, self.seed, self.workers = rank, world, seed, num_workers
         self.shards = manifest["splits"]["train"]["shards"]
         self.samples = sum(s["samples"] for s in self.shards)
@@ -89,7 +94,10 @@ class TrainBatches:
             group = list(itertools.islice(samples, self.micro_batch))
             if len(group) < self.micro_batch:
                 return
-            yield {key: torch.as_tensor(np.stack(column)) for key, column in zip(self.keys, zip(*group))}
+            batch = {TOKENS_KEY: torch.as_tensor(np.stack([sample[0] for sample in group]))}
+            if self.fmt is not None:
+                batch.update(self.fmt.decode_batch([sample[1] for sample in group], batch[TOKENS_KEY].shape[1]))
+            yield batch
 
 
 class _Failure:

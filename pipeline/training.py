@@ -33,7 +33,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.errors import PipelineError, TimeLimit
 from pipeline.losses import exit_losses
 from pipeline.registry import SEARCH_EXITS, TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS, Stage
-from pipeline.shards import atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest
+from pipeline.shards import MANIFEST, atomic_write, claim_directory, file_sha256, manifest_hash, read_manifest
 from pipeline.stage import time_limit_signalled
 from pipeline.targets import TargetFormat
 from pipeline.tracking import stage_run
@@ -147,7 +147,7 @@ def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: 
         source = TEACHER_LOGITS.dir(cfg)
         manifest = read_manifest(source, TEACHER_LOGITS.tag, expect={"backbone_fingerprint": fingerprint,
                                                                      "seq_len": cfg.data.seq_len})
-        fmt = TargetFormat.from_description(manifest["target_format"])
+        fmt = TargetFormat.from_manifest(manifest, source / MANIFEST)
     model = BalconyModel(backbone, cfg.exits.depths, cfg.exits.kind, cfg.exits.init, inputs_per_rank=True)
     header = {"stage": stage.tag, "config_hash": cfg.hash("exits", "train"), "input_manifest_hash": manifest_hash(source),
               "backbone_fingerprint": fingerprint, "depths": model.depths, "world_size": world,
@@ -168,7 +168,7 @@ def set_up(cfg: Config, out: Path, name: str, backbone, fingerprint: str, rank: 
         return None
 
     # --- data and schedule
-    batches = TrainBatches(source, manifest, () if fmt is None else (fmt.ids_key, fmt.logprobs_key),
+    batches = TrainBatches(source, manifest, fmt,
                            cfg.train.micro_batch_size, rank, world, cfg.train.seed, cfg.train.num_workers)
     epoch_steps = batches.batches_per_epoch // accumulation
     if epoch_steps < 1:
@@ -259,14 +259,12 @@ def train(run: ExitTraining) -> None:
             if run.step in cfg.train.snapshots:
                 export(run, snapshot_dir(run.out, run.step))
             # SLURM's warning before the time limit (on any rank): checkpoint, and stop for the requeue
-            signalled = torch.tensor([float(time_limit_signalled())], device=device)
-            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
-            stopping = bool(signalled.item())
+            stopping = time_limit_signalled(dist.group.WORLD)
             if run.step % cfg.train.checkpoint_every == 0 or run.step == run.total_steps or stopping:
                 save_checkpoint(engine, run.out / "checkpoints", run.step, cfg.train.keep_checkpoints, run.rank)
             if stopping and run.step < run.total_steps:
                 dist.barrier()  # rank 0 has moved `latest`: no rank exits (and srun stops the others) before
-                raise TimeLimit(f"{run.stage.name} ({run.name}): stopped at step {run.step} of {run.total_steps}, "
+                raise TimeLimit(f"{run.stage.name} ({run.name}) at step {run.step} of {run.total_steps}, "
                                 "checkpointed")
         export(run, run.out)
         if run.rank == 0:

@@ -58,4 +58,4 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(__doc__.splitlines()[0], run, stop_at_once=False)  # stops after a step, checkpointed
+    run_stage(__doc__.splitlines()[0], run)

@@ -21,7 +21,7 @@ from pipeline.corpus import (document_encoder, pack_shards, plan_shards, scan_gr
 from pipeline.registry import TOKENIZE
 from pipeline.shards import atomic_write, completed_record, write_shard
 from pipeline.sources import source_groups, stream_documents
-from pipeline.stage import owned_shards, run_sharded, run_stage
+from pipeline.stage import owned_shards, run_sharded, run_stage, stop_at_time_limit
 
 STAGE = TOKENIZE
 
@@ -45,11 +45,12 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
                 atomic_write(scan_record(out, g), json.dumps({"skipped_records": scans[g].skipped}).encode(), shared=True)
                 documents = stream_documents(cfg.data, tokenizer, group=groups[g])
                 for spec, sequences in pack_shards(specs, owned, documents, encode, cfg.data, group=g):
+                    stop_at_time_limit(f"before shard {spec.split} {spec.index}")
                     write_shard(out, spec.split, spec.index, shard_samples(spec.split, spec.index, sequences))
                     bar.update(sequences.size)
         return total
 
-    def summary() -> dict:
+    def summary(splits: dict) -> dict:
         """The bad records left out, over the groups that fill shards (each group's scan is recorded
         before its first shard)."""
         return {"skipped_records": sum(json.loads(scan_record(out, g).read_text())["skipped_records"]

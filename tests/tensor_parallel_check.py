@@ -28,7 +28,7 @@ from pipeline.balcony import BalconyModel  # noqa: E402
 from pipeline.config import ModelConfig, TeacherConfig  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.losses import exit_losses  # noqa: E402
-from pipeline.targets import TargetFormat  # noqa: E402
+from pipeline.targets import TARGETS_KEY, TargetFormat  # noqa: E402
 from pipeline.teacher import Teacher  # noqa: E402
 
 DEPTHS = [1, 2]
@@ -83,11 +83,11 @@ def differences(name: str, folder: Path, size: int, rank: int, device: torch.dev
     fmt = TargetFormat(TeacherConfig(format="topk", k=8), 256)
     config = TeacherConfig(format="topk", k=8, fidelity_positions=0)
     a, b = (Teacher(backbone, fmt, config).targets(shared.numpy(), ["x", "y"]) for backbone in (whole, split))
-    for sample_a, sample_b in zip(a, b):
-        assert (sample_a[fmt.ids_key] == sample_b[fmt.ids_key]).all(), f"{name}: top-k ids differ"
+    decoded = [[fmt.decode(sample[TARGETS_KEY], 20) for sample in samples] for samples in (a, b)]
+    for (ids_a, _), (ids_b, _) in zip(*decoded):
+        assert (ids_a == ids_b).all(), f"{name}: top-k ids differ"
     out["training"] = training(whole, split, rank, dist.get_world_size())
-    out["teacher"] = max(float(abs(sa[fmt.logprobs_key].astype("float64") - sb[fmt.logprobs_key].astype("float64")).max())
-                         for sa, sb in zip(a, b))
+    out["teacher"] = max(float((logprobs_a - logprobs_b).abs().max()) for (_, logprobs_a), (_, logprobs_b) in zip(*decoded))
     return out
 
 

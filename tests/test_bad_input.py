@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.shards import FORMAT_VERSION
 from pipeline.train_data import TrainBatches
 from pipeline.training import weights_only_checkpoint_engine
 
@@ -72,7 +73,7 @@ def foreign(tmp_path_factory, tracking_uri, assets):
 def first_train_shard(stage_dir: Path, cfg) -> str:
     """The train shard train-exits (one rank) reads first: the first of epoch 0's seeded order."""
     manifest = json.loads((stage_dir / "manifest.json").read_text())
-    return TrainBatches(stage_dir, manifest, (), cfg.train.micro_batch_size, 0, 1, cfg.train.seed).epoch_order(0)[0]["file"]
+    return TrainBatches(stage_dir, manifest, None, cfg.train.micro_batch_size, 0, 1, cfg.train.seed).epoch_order(0)[0]["file"]
 
 
 def refusal(stage: str, config: Path, *overrides: str) -> str:
@@ -110,6 +111,29 @@ def test_corrupt_input_is_refused_before_use(finished_run, foreign, tmp_path, tr
     assert not any((produced / name).exists() for name in ("manifest.json", "exits.safetensors", "metrics.json", file))
     assert not (produced / "checkpoints").exists()
     ledger("bad input", f"{consumer} reading {damaged}: {corruption}", "refused")
+
+
+@pytest.mark.integration
+def test_targets_of_an_earlier_format_are_refused_in_one_line(finished_run, tmp_path, tracking_uri, ledger):
+    """Teacher shards of the per-draw sampled format (run-directory format 2: every draw's id and log-prob
+    stored) are refused by train-exits, not converted; so is an old target format under the current version."""
+    config = tiny_config(tmp_path, tracking_uri, "run")
+    for name in ("tokens", "teacher"):
+        shutil.copytree(finished_run[0] / name, tmp_path / "run" / name)
+    teacher = tmp_path / "run" / "teacher"
+    per_draw = {"format": "sampled", "entries": 24, "compact": True, "vocab_size": 49152, "id_bits": 16,
+                "logprob_bits": 12, "logprob_range": 24.0}
+    _edit_manifest(teacher, lambda m: m.update(format_version=2, target_format=per_draw))
+    error = refusal("train-exits", config)
+    assert error == (f"error: {teacher / 'manifest.json'}: run-directory format 2, this pipeline writes format "
+                     f"{FORMAT_VERSION}: start a new run.dir")
+    _edit_manifest(teacher, lambda m: m.update(format_version=FORMAT_VERSION))
+    error = refusal("train-exits", config)
+    assert error.startswith(f"error: {teacher / 'manifest.json'}: target_format {per_draw} is not a format this "
+                            "version reads"), error
+    assert error.endswith("rerun teacher-logits into a new run.dir")
+    assert not (tmp_path / "run" / "exits").exists()
+    ledger("bad input", "train-exits reading teacher targets of an earlier format", "refused")
 
 
 @pytest.fixture(scope="module")

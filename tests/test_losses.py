@@ -15,9 +15,10 @@ def _teacher(n=40, seed=0):
 
 
 def _target(kind: str, teacher: torch.Tensor):
-    cfg = TeacherConfig(k=20, compact=False) if kind == "topk" else TeacherConfig(format="sampled", samples=8, compact=False)
+    cfg = TeacherConfig(k=20, logprob_bits=16) if kind == "topk" else TeacherConfig(format="sampled", samples=8, logprob_bits=16)
     fmt = TargetFormat(cfg, VOCAB)
-    return fmt.decode(fmt.encode(*fmt.select(teacher.clone(), torch.rand(len(teacher), 8))))
+    ids, values = fmt.select(teacher.clone(), torch.rand(len(teacher), 8))
+    return fmt.target(*fmt.decode(fmt.encode(ids, values), len(ids)))
 
 
 def _textbook_sparse_kl(logits, target):

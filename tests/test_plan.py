@@ -102,9 +102,11 @@ def test_memory_and_disk_refusals():
     assert any("largest part is backbone" in p and "set model.tensor_parallel 4 (the smallest that fits: the backbone "
                "split across 4 GPUs of a node, at train.zero_stage 2)" in p for p in plan.problems), plan.problems
     small_disk = site()
-    small_disk.node.disk = "2T"  # the top-64 targets alone are ~6.8 TiB
-    assert any(p.endswith("lower data.train_tokens or teacher.k, or free space") for p in
+    small_disk.node.disk = "2T"  # the sampled-64 targets alone are ~2.6 TiB, top-64's ~6.8 TiB
+    assert any(p.endswith("lower data.train_tokens or teacher.samples, or free space") for p in
                make_plan(paper(), small_disk, chain(paper())).problems)
+    assert any(p.endswith("lower data.train_tokens or teacher.k, or free space") for p in
+               make_plan(paper("teacher.format=topk"), small_disk, chain(paper("teacher.format=topk"))).problems)
 
 
 def test_requeue_lets_training_span_time_limits_but_not_a_checkpoint_interval():

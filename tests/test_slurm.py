@@ -180,8 +180,9 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
         assert "JobState=COMPLETED" not in state and time.monotonic() < deadline, state
         time.sleep(2)
     slurm(sites, "scontrol", "update", f"JobId={task}", "TimeLimit=10", "StartTime=now")
-    assert wait(sites, [teacher, train])
+    finished = wait(sites, [teacher, train])
     log = Path(teacher.log.replace("%a", "0")).read_text()
+    assert finished, log[-3000:]
     assert "stopped before the time limit" in log and "requeued (restart 1)" in log, log[-3000:]
     resumed = re.search(r"task 0/1: (\d+) of 25 shards to write", log.split("requeued (restart 1)")[1])
     assert resumed and int(resumed[1]) < 25, log[-3000:]  # the shards committed before the signal were kept

@@ -9,7 +9,7 @@ import yaml
 from pipeline.backbone import load_backbone
 from pipeline.config import ModelConfig, TeacherConfig, load_config
 from pipeline.shards import read_manifest, read_shard
-from pipeline.targets import TargetFormat
+from pipeline.targets import TARGETS_KEY, TargetFormat
 from pipeline.teacher import Teacher
 
 from conftest import BACKBONE, built_once, run_in_process, run_stage, small_config, tree_bytes
@@ -60,7 +60,7 @@ def test_targets_align_with_tokens_and_match_the_model(reference):
     sample = tea_samples[0]
     with torch.no_grad():
         logprobs = backbone(torch.as_tensor(sample["input_ids.npy"]).long()[None]).logits[0].log_softmax(-1)
-    target = fmt.decode({k: torch.as_tensor(sample[k]) for k in (fmt.ids_key, fmt.logprobs_key)})
+    target = fmt.target(*fmt.decode(sample[TARGETS_KEY], len(sample["input_ids.npy"])))
     values, ids = logprobs.topk(cfg.teacher.k, dim=-1)
     agree = (target.ids == ids).float().mean()
     assert agree > 0.99  # ties at the k-th place may flip between batched and single forward passes
@@ -124,10 +124,22 @@ def test_sampled_format_end_to_end(tmp_path, tracking_uri, assets):
     run_stage(TOKENIZE, "--config", config)
     run_stage(TEACHER, "--config", config)
     manifest = read_manifest(tmp_path / "run" / "teacher", "teacher")
-    assert manifest["target_format"] == {"format": "sampled", "entries": 12, "compact": True, "vocab_size": 49152,
-                                         "id_bits": 16, "logprob_bits": 12, "logprob_range": 24.0}
-    sample = next(read_shard(tmp_path / "run" / "teacher", manifest["splits"]["train"]["shards"][0]))
-    assert sample["sample_ids.npy"].shape == (128, 24) and sample["sample_logprobs.npy"].shape == (128, 18)
+    assert manifest["target_format"] == {"format": "sampled", "entries": 12, "vocab_size": 49152, "id_bits": 16,
+                                         "logprob_bits": 12, "logprob_range": 24.0, "count_bits": 4}
+    # the manifest's figures are the shards': each distinct draw stored once, in 16 + 12 + 1 (+ 4) bits
+    fmt, stored = TargetFormat.from_manifest(manifest, "manifest"), {"bytes": 0, "entries": 0, "tokens": 0}
+    for split in ("train", "heldout"):
+        for record in manifest["splits"][split]["shards"]:
+            for sample in read_shard(tmp_path / "run" / "teacher", record):
+                positions = len(sample["input_ids.npy"])
+                stored["bytes"] += sample[TARGETS_KEY].nbytes
+                stored["entries"] += fmt.stored_entries(sample[TARGETS_KEY], positions)
+                stored["tokens"] += positions
+                ids, _ = fmt.decode(sample[TARGETS_KEY], positions)
+                assert ids.shape == (positions, 12) and (ids.diff(dim=-1) >= 0).all()  # the draws, in id order
+    assert manifest["target_entries_per_token"] == stored["entries"] / stored["tokens"] < 12
+    assert manifest["target_bytes_per_token"] == stored["bytes"] / stored["tokens"]
+    assert stored["bytes"] < stored["tokens"] * (0.5 + manifest["target_entries_per_token"] * (29 + 4) / 8 + 1)
 
 
 def test_chunks_bound_the_logits_and_do_not_change_targets(assets):
@@ -140,5 +152,6 @@ def test_chunks_bound_the_logits_and_do_not_change_targets(assets):
         cfg = TeacherConfig(chunk_size=chunk, fidelity_positions=0)
         outputs.append(Teacher(backbone, TargetFormat(cfg, 49152), cfg).targets(ids, ["a", "b", "c"]))
     assert max(seen[: len(seen) - 1]) <= 50 and seen[-1] == 192
+    fmt = TargetFormat(TeacherConfig(), 49152)
     for a, b in zip(*outputs):
-        assert np.array_equal(a["topk_ids.npy"], b["topk_ids.npy"])
+        assert torch.equal(fmt.decode(a[TARGETS_KEY], 64)[0], fmt.decode(b[TARGETS_KEY], 64)[0])

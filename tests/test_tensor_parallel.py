@@ -5,7 +5,6 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from pipeline.balcony import BalconyModel
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.losses import exit_losses
 from pipeline.shards import read_manifest, read_shard
-from pipeline.targets import TargetFormat
+from pipeline.targets import TARGETS_KEY, TargetFormat
 
 from conftest import (BACKBONE, ONE_THREAD, ROOT, built_once, losses_by_step, pipeline_command, run_command,
                       run_in_process, stage_command, tiny_config)
@@ -53,14 +52,14 @@ def test_heads_that_do_not_divide_are_refused_before_loading(tmp_path):
 
 
 def tiny_llama_with_the_real_vocabulary(folder):
-    """A 3-layer random Llama of 4 heads (SmolLM2-135M's 9 do not split in 2) over SmolLM2's vocabulary:
-    it reads the tiny pipeline's tokens."""
+    """A 4-layer random Llama of 4 heads (SmolLM2-135M's 9 do not split in 2) over SmolLM2's vocabulary:
+    it reads the tiny pipeline's tokens; 4 layers leave search-exits two candidates (depths 1 and 2)."""
     import transformers
 
     from families import COMMON
 
     # weights 15x wider than the default: a distribution far from uniform, and exits far from the full model
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 49152, "num_hidden_layers": 3, "initializer_range": 0.3})
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 49152, "num_hidden_layers": 4, "initializer_range": 0.3})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     return folder
@@ -77,7 +76,8 @@ def whole_and_split(finished_run, tmp_path_factory):
         out = {}
         for name, split in (("whole", 1), ("split", 2)):
             config = tiny_config(folder, f"sqlite:///{folder / 'mlflow.db'}", name,
-                                 model={"backbone": str(backbone), "tokenizer": str(BACKBONE), "tensor_parallel": split},
+                                 model={"backbone": str(backbone), "tokenizer": str(BACKBONE), "tensor_parallel": split,
+                                        "num_layers": 4},
                                  train={"keep_checkpoints": 10}, eval={"speed": False}, export={"after_evaluate": True})
             shutil.copytree(finished_run[0] / "tokens", folder / name / "tokens")
             if split == 1:
@@ -105,14 +105,14 @@ def a_copy(run: tuple, folder):
 def test_split_teacher_writes_the_whole_one_s_targets(whole_and_split):
     (_, whole_run, _), (_, split_run, _) = whole_and_split["whole"], whole_and_split["split"]
     whole, ours = read_manifest(whole_run / "teacher", "teacher"), read_manifest(split_run / "teacher", "teacher")
-    fmt = TargetFormat.from_description(whole["target_format"])
+    fmt = TargetFormat.from_manifest(whole, whole_run / "teacher")
     assert ours["backbone_fingerprint"] == whole["backbone_fingerprint"]
     same_ids = total = 0
     for split_name in ("train", "heldout"):
         for a_record, b_record in zip(whole["splits"][split_name]["shards"], ours["splits"][split_name]["shards"]):
             for a, b in zip(read_shard(whole_run / "teacher", a_record), read_shard(split_run / "teacher", b_record)):
                 assert a["__key__"] == b["__key__"]
-                a, b = (fmt.decode({k: torch.as_tensor(s[k]) for k in (fmt.ids_key, fmt.logprobs_key)}) for s in (a, b))
+                a, b = (fmt.target(*fmt.decode(s[TARGETS_KEY], len(s["input_ids.npy"]))) for s in (a, b))
                 equal = a.ids == b.ids
                 same_ids, total = same_ids + int(equal.sum()), total + equal.numel()
                 # one quantisation step at most, where a rounding tips over
@@ -128,7 +128,7 @@ def test_split_training_takes_the_whole_one_s_steps_and_resumes(whole_and_split,
     assert "2 ranks (tensor-parallel groups of 2), ZeRO-2" in output
     ours, reference = losses_by_step(output), losses_by_step(reference_output)
     assert sorted(ours) == sorted(reference) == list(range(1, 11))
-    for step in reference:  # exit 2 of 3 layers starts as the full model: its KL is ~1e-7, rounding's scale
+    for step in reference:
         assert ours[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
     # killed after step 6: resumed under tensor parallelism, it takes the same steps
     exits = split_run / "exits"
@@ -177,3 +177,20 @@ def test_split_evaluate_and_export_score_as_a_whole_process(whole_and_split, tmp
     ids = torch.randint(3, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(exported(ids).logits, exits.view(1)(ids).logits, atol=1e-5)
+
+
+def test_split_search_scores_its_candidates_as_a_whole_one(whole_and_split, tmp_path):
+    """search-exits with exits.depths auto on 2 ranks: split in one group of 2, and whole (2 data-parallel
+    ranks): the candidates train on the same data per rank, and rank 0's group scores them alike."""
+    search = ["exits.depths=auto", "exits.count=1", "search.stride=1", "search.tokens=1024",
+              "search.heldout_tokens=512", "search.cost=layers"]
+    scores = {}
+    for name in ("whole", "split"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config, run = a_copy(whole_and_split[name], folder)
+        run_command(stage_command("search-exits", config, *search, ranks=2))
+        scores[name] = {(r["kind"], r["depth"]): r for r in json.loads((run / "search" / "scores.json").read_text())["rows"]}
+    assert set(scores["split"]) == set(scores["whole"]) and ("balcony", 2) in scores["whole"]
+    for key, row in scores["whole"].items():
+        assert scores["split"][key]["kl_to_full"] == pytest.approx(row["kl_to_full"], rel=1e-3, abs=1e-6), key

@@ -31,7 +31,7 @@ def _numbers(batches, count, start=0):
 def test_every_sample_is_used_once_per_epoch_whatever_the_rank_count(stage_dir, world):
     folder, manifest = stage_dir
     micro = 2
-    ranks = [TrainBatches(folder, manifest, (), micro, rank, world, seed=5) for rank in range(world)]
+    ranks = [TrainBatches(folder, manifest, None, micro, rank, world, seed=5) for rank in range(world)]
     per_rank = ranks[0].batches_per_epoch
     assert all(r.batches_per_epoch == per_rank for r in ranks)
     seen = [n for r in ranks for batch in _numbers(r, per_rank) for n in batch]
@@ -47,7 +47,7 @@ def test_one_rank_keeps_the_seeded_shard_order(stage_dir):
     import random
 
     folder, manifest = stage_dir
-    batches = TrainBatches(folder, manifest, (), 1, 0, 1, seed=5)
+    batches = TrainBatches(folder, manifest, None, 1, 0, 1, seed=5)
     order = list(range(len(SHARD_SIZES)))
     random.Random(5 * 100_003).shuffle(order)
     starts = np.cumsum([0] + SHARD_SIZES)
@@ -57,11 +57,11 @@ def test_one_rank_keeps_the_seeded_shard_order(stage_dir):
 
 def test_resume_reads_no_shard_before_the_one_it_needs(stage_dir, monkeypatch):
     folder, manifest = stage_dir
-    whole = _numbers(TrainBatches(folder, manifest, (), 2, 1, 2, seed=3), 9)
+    whole = _numbers(TrainBatches(folder, manifest, None, 2, 1, 2, seed=3), 9)
     opened = []
     real = shards.verify_shard
     monkeypatch.setattr("pipeline.train_data.verify_shard", lambda d, r: opened.append(r["file"]) or real(d, r))
-    resumed = TrainBatches(folder, manifest, (), 2, 1, 2, seed=3)
+    resumed = TrainBatches(folder, manifest, None, 2, 1, 2, seed=3)
     assert _numbers(resumed, 4, start=5) == whole[5:9]  # the last batch of epoch 0, then epoch 1
     # 25 samples, 2 ranks, micro-batch 2: blocks of 12; rank 1's micro-batch 5 of epoch 0 is sample 12 + 10
     order = resumed.epoch_order(0)
@@ -71,7 +71,7 @@ def test_resume_reads_no_shard_before_the_one_it_needs(stage_dir, monkeypatch):
 
 def test_a_corrupt_shard_is_refused_when_first_opened_not_before(stage_dir):
     folder, manifest = stage_dir
-    batches = TrainBatches(folder, manifest, (), 1, 0, 1, seed=0)
+    batches = TrainBatches(folder, manifest, None, 1, 0, 1, seed=0)
     victim = batches.epoch_order(0)[-1]["file"]  # read last in epoch 0
     data = bytearray((folder / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -85,10 +85,10 @@ def test_a_corrupt_shard_is_refused_when_first_opened_not_before(stage_dir):
 
 def test_a_background_reader_gives_the_same_batches_and_one_line_errors(stage_dir):
     folder, manifest = stage_dir
-    in_process = _numbers(TrainBatches(folder, manifest, (), 2, 0, 2, seed=1), 6, start=3)
-    background = _numbers(TrainBatches(folder, manifest, (), 2, 0, 2, seed=1, num_workers=1), 6, start=3)
+    in_process = _numbers(TrainBatches(folder, manifest, None, 2, 0, 2, seed=1), 6, start=3)
+    background = _numbers(TrainBatches(folder, manifest, None, 2, 0, 2, seed=1, num_workers=1), 6, start=3)
     assert background == in_process
     (folder / manifest["splits"]["train"]["shards"][0]["file"]).unlink()
     with pytest.raises(ShardError) as refused:
-        _numbers(TrainBatches(folder, manifest, (), 25, 0, 1, seed=1, num_workers=1), 1)
+        _numbers(TrainBatches(folder, manifest, None, 25, 0, 1, seed=1, num_workers=1), 1)
     assert "\n" not in str(refused.value) and "missing (listed in manifest.json)" in str(refused.value)
