@@ -142,6 +142,14 @@ def test_failed_task_reported_with_log(cluster, tmp_path, tracking_uri):
     assert re.search(r"teacher-logits .* CANCELLED", proc.stdout), proc.stdout
 
 
+def daemon_log_lines(cluster: Path, job_id: str) -> str:
+    """What slurmctld and the slurmd nodes logged about a job: why a launch failed is only there."""
+    lines = []
+    for log in sorted((cluster.parent / "log").glob("slurm*.log")):
+        lines += [f"{log.name}: {line}" for line in log.read_text().splitlines() if re.search(rf"\b{job_id}\b", line)]
+    return "\n" + "\n".join(lines[-40:])
+
+
 def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
     """A teacher-logits task stopped by its time limit (SLURM signals it requeue_grace_s before) is
     requeued, resumes from its committed shards and finishes; the dependent train-exits job waits for
@@ -176,13 +184,16 @@ def test_time_limit_requeue(cluster, tmp_path, tracking_uri):
         assert time.monotonic() < deadline, slurm(sites, "scontrol", "show", "job", "-o", task)
         time.sleep(0.5)
     slurm(sites, "scontrol", "update", f"JobId={task}", "TimeLimit=2")
-    while "Restarts=0" in (state := slurm(sites, "scontrol", "show", "job", "-o", task)):
+    deadline = time.monotonic() + 300
+    while "Restarts=0" in (state := slurm(sites, "scontrol", "show", "job", "-o", task)) or "JobState=PENDING" not in state:
         assert "JobState=COMPLETED" not in state and time.monotonic() < deadline, state
-        time.sleep(2)
+        time.sleep(1)
+    # lifted only once the requeue has finished (PENDING, no longer COMPLETING): a start granted earlier is
+    # either overridden by the requeue's own delay or races the old batch step still on the node
     slurm(sites, "scontrol", "update", f"JobId={task}", "TimeLimit=10", "StartTime=now")
     finished = wait(sites, [teacher, train])
     log = Path(teacher.log.replace("%a", "0")).read_text()
-    assert finished, log[-3000:]
+    assert finished, log[-3000:] + daemon_log_lines(cluster, teacher.job_id)
     assert "stopped before the time limit" in log and "requeued (restart 1)" in log, log[-3000:]
     resumed = re.search(r"task 0/1: (\d+) of 25 shards to write", log.split("requeued (restart 1)")[1])
     assert resumed and int(resumed[1]) < 25, log[-3000:]  # the shards committed before the signal were kept
