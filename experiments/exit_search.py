@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from pipeline.report import search_plot, search_table
 from pipeline.search import served_kl
+from pipeline.timing import CostLine
 
 FIXED, SEARCHED, OUT = ROOT / "runs" / "demo", ROOT / "runs" / "demo-search", ROOT / "results" / "exit-search"
 OVERRIDES = [f"run.dir={SEARCHED.relative_to(ROOT)}", "exits.depths=auto", "exits.count=3", "train.baselines=[]",
@@ -89,9 +90,9 @@ def main() -> None:
     seconds = run_searched()
     scores = json.loads((SEARCHED / "search" / "scores.json").read_text())
     result = json.loads((SEARCHED / "search" / "result.json").read_text())
-    intercept, slope = scores["latency_line_s"]
-    layers = scores["num_layers"]
-    cost = lambda depth: (intercept + slope * (depth + 1)) / (intercept + slope * layers)  # noqa: E731
+    line = CostLine.from_summary(scores["cost_line"])
+    intercept, slope = line.fixed_s, line.per_layer_s
+    cost = lambda depth: line.relative_cost(depth + 1)  # noqa: E731
     floor = result["floor"]["kl_to_full"]
     start = result["budget_range"][0]
     sets = {}

@@ -126,6 +126,14 @@ class Architecture:
     def head_flops(self) -> float:
         return 2 * self.head_params
 
+    def decode_weights(self, depth: int | None) -> int:
+        """Weights one decode step at batch 1 reads (each once, what bounds its time): every layer and the
+        head for the full model (None); for an exit at `depth`, the layers before it, its own layer (the
+        shape of the next one) and the head. The head's share is what no exit saves."""
+        if depth is None:
+            return self.prefix_params(self.layers) + self.head_params
+        return self.prefix_params(depth) + self.layer_params[depth] + self.head_params
+
     def backbone_bytes(self, split: int) -> float:
         """The frozen backbone on one rank of a tensor-parallel group of `split`: a 1/split slice of every
         layer and of the head, the embedding whole, and the head whole once more (an exit's loss and the
@@ -584,6 +592,11 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
                          f"overlapped with ~{hours(s.tokens * s.flops_per_token / (s.devices * cluster.throughput.train_flops))} of compute")
         if s.note:
             lines.append(f"{s.stage}: {s.note}")
+    full, depths = arch.decode_weights(None), planned_depths(cfg, arch)
+    lines.append(f"decode at batch 1 (bound by the weights it reads): the head is {arch.head_params / full:.0%} of a "
+                 f"full-depth step, so no exit decodes more than {full / arch.head_params:.2f}x faster; exits at "
+                 + ", ".join(f"{d}: {full / arch.decode_weights(d):.2f}x" for d in depths)
+                 + (" (the deepest candidates: exits.depths is auto)" if cfg.exits.depths == AUTO else ""))
     total = sum(s.device_hours for s in plan.stages if s.job.gpus_per_node)
     if total:
         lines.append(f"GPU-hours in all: {total:,.0f}")

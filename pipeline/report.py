@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from pipeline.shards import atomic_write
+from pipeline.timing import CostLine
 
 
 def markdown_table(rows: list[dict], batches: list[int]) -> str:
@@ -34,6 +35,7 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """The held-out rows' metrics, then each eval.data set's quality metrics prefixed `data1_`, ..."""
     out = row_metrics(metrics["rows"])
+    out.update({f"decode_fixed_share_b{batch}": line["fixed_share"] for batch, line in (metrics.get("cost_line") or {}).items() if line})
     for i, other in enumerate(metrics.get("other_data", []), 1):
         out.update({f"data{i}_{name}": value for name, value in row_metrics(other["rows"]).items()})
     return out
@@ -65,6 +67,9 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
 def write_evaluation(out: Path, metrics: dict, batches: list[int]) -> None:
     """RUN/eval: table.md, plot.png, then metrics.json (the mark of completion), each written atomically."""
     text = f"Held-out tokens of this run ({metrics['heldout_tokens']:,} tokens):\n\n" + markdown_table(metrics["rows"], batches)
+    for batch, line in (metrics.get("cost_line") or {}).items():
+        text += f"\nDecode cost at batch {batch}, fitted on the latencies above: " + (
+            CostLine.from_summary(line).describe() if line else "no line (the latencies do not grow with depth)") + ".\n"
     for other in metrics["other_data"]:
         text += f"\nQuality on {other['data']} ({other['tokens']:,} tokens):\n\n" + markdown_table(other["rows"], [])
     atomic_write(out / "table.md", text.encode())
@@ -124,6 +129,7 @@ def search_table(scores: dict, result: dict) -> str:
              f"Kept: exits {result['chosen']}; mean KL over budgets {result['budget_range'][0]:.3f}-1, each served by "
              f"the deepest kept exit that fits it: {result['mean_kl_over_budgets']:.4f} (below the kept exits: "
              f"{result['floor']['name']}).", "",
+             *([f"Decode cost: {CostLine.from_summary(scores['cost_line']).describe()}.", ""] if scores.get("cost_line") else []),
              "| variant | relative cost | decode ms/token | KL to full | top-1 agreement | perplexity | Pareto | kept |",
              "|---|---|---|---|---|---|---|---|"]
     for row in scores["rows"]:

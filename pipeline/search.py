@@ -31,7 +31,7 @@ from pipeline.evaluation import heldout_sequences, score, variants_of
 from pipeline.registry import SEARCH_EXITS, TOKENIZE
 from pipeline.report import search_plot, search_table
 from pipeline.shards import FORMAT_VERSION, atomic_write
-from pipeline.timing import decode_latency
+from pipeline.timing import CostLine, decode_latency
 from pipeline.tracking import stage_run
 
 CANDIDATES, SCORES, RESULT = "candidates", "scores.json", "result.json"
@@ -94,23 +94,6 @@ def resolve_depths(cfg: Config) -> Config:
                          f"this config: {', '.join(f'{k} {asked[k]!r}' for k in differ)}): run search-exits again")
     exits = dataclasses.replace(cfg.exits, depths=result["chosen"], count=0, budgets=[])
     return dataclasses.replace(cfg, exits=exits)
-
-
-# ---------------------------------------------------------------- cost
-
-
-def latency_line(layers: list[int], seconds: list[float]) -> tuple[float, float]:
-    """A least-squares line seconds = intercept + slope * layers run, through measured decode latencies:
-    the head and embeddings are the intercept, every layer adds the slope. A line smooths the timer's
-    noise and keeps a deeper exit dearer than a shallower one."""
-    n = len(layers)
-    mean_x, mean_y = sum(layers) / n, sum(seconds) / n
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(layers, seconds)) / sum((x - mean_x) ** 2 for x in layers)
-    intercept = mean_y - slope * mean_x
-    if slope <= 0 or intercept + slope * min(layers) <= 0:
-        raise InputError(f"search.cost: measured decode latencies {[f'{s * 1e3:.2f} ms' for s in seconds]} do not grow "
-                         "with depth (a busy machine?); measure again or set search.cost layers")
-    return intercept, slope
 
 
 # ---------------------------------------------------------------- choice
@@ -204,15 +187,16 @@ def score_candidates(cfg: Config, backbone, fingerprint: str, device: torch.devi
                     for row, n in zip(rows, layers) if row["kind"] != "logit_lens"]
         for row, seconds, _ in measured:
             row["latency_ms"] = seconds * 1e3
-        line = latency_line([n for *_, n in measured], [seconds for _, seconds, _ in measured])
-        intercept, slope = line
+        try:
+            line = CostLine.fit([n for *_, n in measured], [seconds for _, seconds, _ in measured], model.num_layers)
+        except ValueError as e:
+            raise InputError(f"search.cost: {e} (a busy machine?); measure again or set search.cost layers") from None
         for row, n in zip(rows, layers):
-            row["relative_cost"] = (intercept + slope * n) / (intercept + slope * model.num_layers)
-        print(f"{SEARCH_EXITS.name}: decode latency {intercept * 1e3:.2f} ms + {slope * 1e3:.3f} ms per layer per token "
-              f"(head and embedding = {intercept / slope:.1f} layers)")
+            row["relative_cost"] = line.relative_cost(n)
+        print(f"{SEARCH_EXITS.name}: decode cost {line.describe()}")
     return {"num_layers": model.num_layers, "heldout_tokens": sequences.numel(),
             "train_tokens": search_steps(cfg) * cfg.train.tokens_per_step, "loss_positions": cfg.search.loss_positions,
-            "cost": cfg.search.cost, "latency_line_s": line, "device": device.type, "rows": rows}
+            "cost": cfg.search.cost, "cost_line": line.summary() if line else None, "device": device.type, "rows": rows}
 
 
 def choose_depths(cfg: Config, out: Path, header: dict) -> None:

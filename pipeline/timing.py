@@ -7,11 +7,59 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.balcony import BalconyModel
 from pipeline.config import EvalConfig
+
+
+@dataclass(frozen=True)
+class CostLine:
+    """Decode seconds per token = fixed + per_layer x layers run: a least-squares line through measured
+    latencies (the full model runs every layer, an exit at depth k its k layers and its own). The fixed
+    part is what every depth pays: the head, the embedding and the step's overhead. On a model whose
+    head is a large share of it (a large vocabulary), exits save far less than their share of layers."""
+    fixed_s: float
+    per_layer_s: float
+    layers: int  # the full model's
+
+    @classmethod
+    def fit(cls, layers_run: list[int], seconds: list[float], layers: int) -> "CostLine":
+        """Raises ValueError when the latencies do not grow with depth (a busy machine, a timer's noise)."""
+        n = len(layers_run)
+        mean_x, mean_y = sum(layers_run) / n, sum(seconds) / n
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(layers_run, seconds)) / sum((x - mean_x) ** 2 for x in layers_run)
+        fixed = mean_y - slope * mean_x
+        if slope <= 0 or fixed + slope * min(layers_run) <= 0:
+            raise ValueError(f"measured decode latencies {[f'{s * 1e3:.2f} ms' for s in seconds]} do not grow with depth")
+        return cls(fixed, slope, layers)
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "CostLine":
+        return cls(summary["fixed_ms"] / 1e3, summary["per_layer_ms"] / 1e3, summary["layers"])
+
+    def seconds(self, layers_run: int) -> float:
+        return self.fixed_s + self.per_layer_s * layers_run
+
+    def relative_cost(self, layers_run: int) -> float:
+        return self.seconds(layers_run) / self.seconds(self.layers)
+
+    @property
+    def fixed_share(self) -> float:
+        """The share of a full-depth step that no exit saves; 1 / it caps any exit's speedup."""
+        return max(self.fixed_s, 0.0) / self.seconds(self.layers)
+
+    def summary(self) -> dict[str, float]:
+        return {"fixed_ms": self.fixed_s * 1e3, "per_layer_ms": self.per_layer_s * 1e3, "layers": self.layers,
+                "fixed_share": self.fixed_share, "speedup_cap": 1 / self.fixed_share if self.fixed_share else None}
+
+    def describe(self) -> str:
+        cap = f"{1 / self.fixed_share:.2f}x" if self.fixed_share else "unbounded"
+        return (f"{self.fixed_s * 1e3:.2f} ms + {self.per_layer_s * 1e3:.3f} ms per layer per token: the head, embedding "
+                f"and step overhead are {self.fixed_share:.0%} of a full-depth step ({self.fixed_s / self.per_layer_s:.1f} "
+                f"layers), so no exit decodes more than {cap} faster")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -87,11 +135,12 @@ def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_
             "draft_tokens": draft_tokens}
 
 
-def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], sequences: torch.Tensor) -> None:
+def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], sequences: torch.Tensor) -> dict:
     """Adds to the full model's and each exit's row its decode latency and speedup at each of
     settings.latency_batches, and to each exit's row self-speculative and assisted decoding, all from
-    the first held-out sequence's first settings.prompt_tokens as the prompt."""
-    latency, batches = {}, settings.latency_batches
+    the first held-out sequence's first settings.prompt_tokens as the prompt. Returns the cost line
+    fitted at each batch size (None where the latencies do not grow with depth)."""
+    latency, batches, lines = {}, settings.latency_batches, {}
     for batch_size in batches:
         prompt = sequences[:1, : settings.prompt_tokens].repeat(batch_size, 1)
         for depth in [None, *model.depths]:
@@ -99,6 +148,14 @@ def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], s
         print(f"evaluate: decode latency at batch {batch_size}: " + ", ".join(
             f"{'full' if d is None else f'exit@{d}'} {latency[(batch_size, d)] * 1e3:.1f} ms/token"
             for d in [None, *model.depths]))
+        layers_run = [model.num_layers] + [d + 1 for d in model.depths]
+        try:
+            line = CostLine.fit(layers_run, [latency[(batch_size, d)] for d in [None, *model.depths]], model.num_layers)
+            lines[str(batch_size)] = line.summary()
+            print(f"evaluate: decode cost at batch {batch_size}: {line.describe()}")
+        except ValueError as e:
+            lines[str(batch_size)] = None
+            print(f"evaluate: decode cost at batch {batch_size}: no line fitted: {e}")
     prompt = sequences[:1, : settings.prompt_tokens]
     full_seconds = greedy_seconds(model, prompt, settings.new_tokens, settings.repeats)
     for row in rows:
@@ -116,3 +173,4 @@ def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], s
                                full_seconds)
             print(f"evaluate: {what} with exit@{depth}: acceptance {row[key]['acceptance_rate']:.2f}, "
                   f"speedup {row[key]['speedup']:.2f}x over greedy full-depth decoding")
+    return lines

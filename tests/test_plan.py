@@ -66,6 +66,10 @@ def test_paper_recipe_fits_the_example_site_with_the_arithmetic_by_hand():
     assert zero3.memory["exit states"] == pytest.approx(3 * LAYER * 16 / 16)  # all 16 bytes per parameter partitioned
     assert zero3.comm_s > 0  # the 21-layer prefix gathered every micro-batch
 
+    # decode at batch 1 reads each weight once: the exit at 21 its 21 layers, its own and the (untied) head
+    assert plan.arch.decode_weights(None) == LAYERS * LAYER + D * VOCAB
+    assert plan.arch.decode_weights(21) == 22 * LAYER + D * VOCAB
+
 
 def test_array_size_follows_the_time_limit():
     cfg = paper()
@@ -139,6 +143,7 @@ def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
     fits = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "| teacher-logits | 31.5G | 16.1G |" in fits.stdout and "GPU-hours in all: 663" in fits.stdout
+    assert "the head is 7% of a full-depth step, so no exit decodes more than 14.29x faster; exits at 15: 1.87x" in fits.stdout
     refused = subprocess.run([*command, "train.micro_batch_size=64"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]

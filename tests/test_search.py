@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, InputError
-from pipeline.search import (candidate_depths, choose_budgets, choose_count, latency_line, pareto_front,
-                             served_kl)
+from pipeline.errors import ConfigError
+from pipeline.search import candidate_depths, choose_budgets, choose_count, pareto_front, served_kl
+from pipeline.timing import CostLine
 
 from conftest import ROOT, built_once, losses_by_step, pipeline_command, run_command, run_in_process, stage_command, tiny_config
 
@@ -61,11 +61,13 @@ def test_budgets_pareto_and_errors():
     assert choose_count(points, 3, 4.0) == [1, 3, 5]  # no dominated exit when the front has enough
 
 
-def test_latency_line():
-    intercept, slope = latency_line([5, 10, 20], [0.002 + 0.001 * x for x in (5, 10, 20)])
-    assert intercept == pytest.approx(0.002) and slope == pytest.approx(0.001)
-    with pytest.raises(InputError, match="do not grow with depth"):
-        latency_line([5, 10, 20], [0.03, 0.02, 0.01])
+def test_cost_line():
+    line = CostLine.fit([5, 10, 20], [0.002 + 0.001 * x for x in (5, 10, 20)], layers=20)
+    assert line.fixed_s == pytest.approx(0.002) and line.per_layer_s == pytest.approx(0.001)
+    assert line.relative_cost(10) == pytest.approx(12 / 22) and line.fixed_share == pytest.approx(2 / 22)
+    assert line.summary()["speedup_cap"] == pytest.approx(11) and "no exit decodes more than 11.00x faster" in line.describe()
+    with pytest.raises(ValueError, match="do not grow with depth"):
+        CostLine.fit([5, 10, 20], [0.03, 0.02, 0.01], layers=20)
 
 
 def test_candidates_and_settings(tmp_path):

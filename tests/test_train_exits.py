@@ -123,6 +123,10 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(finished_run,
     exit1, tuned1 = metrics["rows"][1], metrics["rows"][5]
     assert exit1["relative_cost"] == pytest.approx(2 / 3) and set(exit1["speedup"]) == {"1", "2"}
     assert exit1["ideal_speedup"] == pytest.approx(1.5) and exit1["kl_to_full"] > 0
+    assert set(metrics["cost_line"]) == {"1", "2"}  # a line per batch size, None where noise hides the slope
+    for line in filter(None, metrics["cost_line"].values()):
+        assert line["per_layer_ms"] > 0 and 0 <= line["fixed_share"] < 1 and line["layers"] == 3
+    assert "Decode cost at batch 1, fitted on the latencies above:" in (out / "table.md").read_text()
     for key in ("speculative", "assisted"):
         assert 0 <= exit1[key]["acceptance_rate"] <= 1 and exit1[key]["speedup"] > 0
     assert tuned1["relative_cost"] == pytest.approx(1 / 3) and "speedup" not in tuned1
