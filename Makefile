@@ -32,7 +32,7 @@ MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_HOST  ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup system-deps assets demo compare study curve search-compare teacher-cache tail-kl pipeline plan calibrate gpu-check status test test-unit test-noroot bench mlflow-ui mlflow-server slurm-up slurm-down \
+.PHONY: help setup system-deps assets demo compare study curve search-compare teacher-cache vocabulary-cost tail-kl pipeline plan calibrate gpu-check status test test-unit test-noroot bench mlflow-ui mlflow-server slurm-up slurm-down \
         stage-tokenize stage-teacher-logits stage-search-exits stage-train-exits stage-evaluate stage-export-exits clean
 
 help:
@@ -144,6 +144,11 @@ search-compare: assets
 # The teacher cache's frontier: held-out exit KL after the demo's training against target bytes per token.
 teacher-cache: assets
 	$(PY) experiments/teacher_cache.py $(if $(ROWS),--rows $(ROWS))
+
+# What the vocabulary costs each stage: SmolLM2-135M against Gemma 3 270M, timed in one run.
+vocabulary-cost: setup
+	$(MAKE) --no-print-directory assets MODEL=gemma3-270m
+	$(PY) experiments/vocabulary_cost.py
 
 # How much of a trained exit's KL lies in the top-k targets' rest bucket (after make study).
 tail-kl: assets

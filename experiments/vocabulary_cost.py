@@ -141,7 +141,7 @@ def main() -> None:
             continue
         rows.append(measure(name, recipe, args.seq, args.repeats))
         print(json.dumps(rows[-1]))
-    command = "python experiments/vocabulary_cost.py" + "".join(
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/vocabulary_cost.py" + "".join(
         f" --{k} {v}" for k, v in vars(args).items() if v != parser.get_default(k))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "costs.json").write_text(json.dumps({"command": command, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
