@@ -57,6 +57,7 @@ help:
 	@echo "make stage-train-exits CONFIG=configs/demo.yaml [NPROC=1] [ARGS='key=value ...']"
 	@echo "make stage-evaluate CONFIG=configs/demo.yaml [ARGS='key=value ...']"
 	@echo "make stage-export-exits CONFIG=configs/demo.yaml [ARGS='export.depths=[17]'] - exits as standalone HF checkpoints"
+	@echo "make vocabulary-cost - what the 262k vocabulary of Gemma 3 270M costs each stage, beside SmolLM2"
 	@echo "make bench   - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make gpu-check - teacher and exits training on a LLaMA-3-8B-shaped model on this GPU (skips without one)"
 	@echo "make compare - after make demo: also train CE exits (EE-Tuning) on the same data, evaluate all"
