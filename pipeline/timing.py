@@ -48,15 +48,20 @@ class CostLine:
 
     @property
     def fixed_share(self) -> float:
-        """The share of a full-depth step that no exit saves; 1 / it caps any exit's speedup."""
+        """The share of a full-depth step that no exit saves."""
         return max(self.fixed_s, 0.0) / self.seconds(self.layers)
+
+    @property
+    def speedup_cap(self) -> float | None:
+        """No exit decodes faster than this (None: the line leaves no fixed part)."""
+        return 1 / self.fixed_share if self.fixed_share else None
 
     def summary(self) -> dict[str, float]:
         return {"fixed_ms": self.fixed_s * 1e3, "per_layer_ms": self.per_layer_s * 1e3, "layers": self.layers,
-                "fixed_share": self.fixed_share, "speedup_cap": 1 / self.fixed_share if self.fixed_share else None}
+                "fixed_share": self.fixed_share, "speedup_cap": self.speedup_cap}
 
     def describe(self) -> str:
-        cap = f"{1 / self.fixed_share:.2f}x" if self.fixed_share else "unbounded"
+        cap = f"{self.speedup_cap:.2f}x" if self.speedup_cap else "unbounded"
         return (f"{self.fixed_s * 1e3:.2f} ms + {self.per_layer_s * 1e3:.3f} ms per layer per token: the head, embedding "
                 f"and step overhead are {self.fixed_share:.0%} of a full-depth step ({self.fixed_s / self.per_layer_s:.1f} "
                 f"layers), so no exit decodes more than {cap} faster")
