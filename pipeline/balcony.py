@@ -97,6 +97,17 @@ def read_exits_config(exits_dir: Path) -> dict:
     return meta
 
 
+def recorded_evaluation(metrics_path: Path, exits_dir: Path) -> dict | None:
+    """The evaluate stage's metrics.json if it scored these very exits (the same weights file), else None."""
+    from pipeline.shards import file_sha256
+
+    if not Path(metrics_path).exists():
+        return None
+    metrics = json.loads(Path(metrics_path).read_text())
+    check_format_version(Path(metrics_path), metrics)
+    return metrics if metrics.get("exits_sha256") == file_sha256(Path(exits_dir) / WEIGHTS) else None
+
+
 def gather_group_inputs(input_ids: torch.Tensor, group) -> tuple[torch.Tensor, slice]:
     """Every rank's [B, T] inputs of a tensor-parallel group stacked, and where this rank's are in them."""
     import torch.distributed as dist
@@ -203,12 +214,51 @@ class BalconyModel(nn.Module):
         return self.decoder.with_top(depth, exit_.layer, exit_.norm, exit_.source)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, exit: int | None = None, budget: float | None = None, **kwargs):
-        """HF generate() at one exit (`exit=k`), or at the deepest exit a compute `budget` allows."""
+    def generate(self, input_ids: torch.Tensor, exit: int | None = None, budget: float | None = None,
+                 speculative: bool = False, **kwargs):
+        """HF generate() at one exit (`exit=k`), or at the deepest exit a compute `budget` allows.
+
+        `speculative=True`: the full model's output (greedy, or sampled with HF's `do_sample`, `temperature`,
+        `top_k`, `top_p`), drafted by exit `exit` and verified by the full model (pipeline/speculative.py);
+        without `exit`, the exit and drafts the evaluate stage measured fastest (`speculative_choice`).
+        Takes `attention_mask` (left padding), `max_new_tokens`, `eos_token_id`, `pad_token_id`,
+        `max_draft`, `tau` and a torch `generator`; returns the token ids as HF generate does."""
         if exit is not None and budget is not None:
             raise ValueError("give exit or budget, not both")
+        if speculative:
+            if budget is not None:
+                raise ValueError("speculative decoding gives the full model's output: give an exit to draft, not a budget")
+            return self._speculative(input_ids, exit, **kwargs)
         depth = self.choose_exit(budget) if budget is not None else exit
         return self.view(depth).generate(input_ids, **kwargs)
+
+    def _speculative(self, input_ids: torch.Tensor, exit: int | None, attention_mask=None, max_new_tokens=None,
+                     do_sample=None, temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
+                     max_draft=None, tau=None, generator=None) -> torch.Tensor:
+        from pipeline.speculative import DraftPolicy, Sampling, speculative_generate
+
+        defaults = self.backbone.generation_config  # HF generate's defaults for this model
+        choice = self.speculative_choice if exit is None or exit == self.speculative_choice["depth"] else {}
+        depth = exit if exit is not None else self.speculative_choice["depth"]
+        policy = DraftPolicy(max_draft if max_draft is not None else choice.get("max_draft", 4),
+                             tau if tau is not None else choice.get("tau", 0.0))
+        do_sample = defaults.do_sample if do_sample is None else do_sample
+        sampling = Sampling(do_sample=bool(do_sample), temperature=temperature or defaults.temperature or 1.0,
+                            top_k=defaults.top_k or 0 if top_k is None else top_k,
+                            top_p=defaults.top_p or 1.0 if top_p is None else top_p) if do_sample else Sampling()
+        eos = defaults.eos_token_id if eos_token_id is None else eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        out, _ = speculative_generate(self, input_ids, depth, max_new_tokens or defaults.max_new_tokens or 20, policy,
+                                      sampling, attention_mask=attention_mask, eos_token_id=eos,
+                                      pad_token_id=defaults.pad_token_id if pad_token_id is None else pad_token_id,
+                                      generator=generator)
+        return out
+
+    @property
+    def speculative_choice(self) -> dict:
+        """The exit and draft policy generate(speculative=True) uses: the evaluate stage's measured choice
+        (from_pretrained's `evaluation`), else the deepest exit with fixed drafts of 4."""
+        return self.meta.get("speculative_choice") or {"depth": self.depths[-1], "max_draft": 4, "tau": 0.0}
 
     # ------------------------------------------------------------ export / import
 
@@ -229,9 +279,11 @@ class BalconyModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, backbone, exits_dir: Path, backbone_fingerprint: str | None = None,
-                        depths: list[int] | None = None) -> "BalconyModel":
+                        depths: list[int] | None = None, evaluation: Path | None = None) -> "BalconyModel":
         """Backbone (a loaded HF model) + exported exits; refuses exits made for another backbone
-        or, when `depths` is given, for another exit list."""
+        or, when `depths` is given, for another exit list. `evaluation`: the evaluate stage's
+        metrics.json (RUN/eval/metrics.json), whose speculative choice generate(speculative=True) then
+        uses; refused if it scored other exits."""
         exits_dir = Path(exits_dir)
         meta = read_exits_config(exits_dir)
         if backbone_fingerprint is not None and meta["backbone_fingerprint"] != backbone_fingerprint:
@@ -242,6 +294,12 @@ class BalconyModel(nn.Module):
         model = cls(backbone, meta["depths"], kind=meta.get("kind", "balcony"), init=meta.get("init", "last_layer"))
         model.meta = meta
         model.load_exits(exits_dir)
+        if evaluation is not None:
+            metrics = recorded_evaluation(Path(evaluation), exits_dir)
+            if metrics is None:
+                raise InputError(f"{evaluation}: not an evaluation of the exits in {exits_dir} (exits_sha256 differs or "
+                                 "the file is missing): run the evaluate stage on them")
+            model.meta = {**meta, "speculative_choice": metrics.get("speculative_choice")}
         return model
 
     def load_exits(self, exits_dir: Path, subset: bool = False) -> None:

@@ -318,7 +318,27 @@ class EvalConfig:
     repeats: int = _num(3, gt=0)
     """Timings per measurement (the median is kept)."""
     draft_tokens: int = _num(4, gt=0)
-    """Self-speculative decoding and HF assisted generation: tokens an exit drafts per round."""
+    """Fixed drafts: tokens an exit drafts per round in self-speculative decoding and HF assisted generation."""
+    speculative_prompts: int = _num(8, gt=0)
+    """Self-speculative decoding: held-out prompts measured (the first prompt_tokens of as many sequences; as
+    many more, if there are, choose the confidence-stopped policy)."""
+    speculative_batches: list[int] = field(default_factory=lambda: [1, 4, 8])
+    """Self-speculative decoding: batch sizes measured (greedy; sampled at batch 1)."""
+    draft_taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    """Confidence-stopped drafts: the taus (stop below this top-1 probability) the choice is made among."""
+    max_drafts: list[int] = field(default_factory=lambda: [2, 4, 8])
+    """Confidence-stopped drafts: the draft caps the choice is made among."""
+    sampling_temperature: float = _num(1.0, gt=0)
+    """Self-speculative decoding: the temperature of the sampled measurements (no top-k or top-p cut)."""
+
+    def validate(self, path: str) -> None:
+        for name, values, ok in (("latency_batches", self.latency_batches, lambda b: b >= 1),
+                                 ("speculative_batches", self.speculative_batches, lambda b: b >= 1),
+                                 ("max_drafts", self.max_drafts, lambda d: d >= 1),
+                                 ("draft_taus", self.draft_taus, lambda t: 0 < t < 1)):
+            if not values or not all(ok(v) for v in values):
+                raise ConfigError(f"{path}.{name}: {values} is not a non-empty list of "
+                                  + ("taus in (0, 1)" if name == "draft_taus" else "integers >= 1"))
 
 
 @dataclass

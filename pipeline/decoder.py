@@ -197,16 +197,17 @@ class Decoder:
         return logits
 
     def layer_arguments(self, hidden: torch.Tensor, positions: torch.Tensor, types: set[str], cache=None,
-                        slot: int | None = None, config=None) -> dict[str, dict]:
+                        slot: int | None = None, config=None, attention_mask: torch.Tensor | None = None) -> dict[str, dict]:
         """For each layer type in `types`, the keyword arguments a layer of that type gets from the
         model's own forward for `hidden` at `positions`. With a KV cache, the mask is made for the
         cache's layer `slot` (whose length may differ from other slots', as in speculative decoding);
-        `config` is the one the cache was made from, when it has more layers than the model."""
+        `config` is the one the cache was made from, when it has more layers than the model;
+        `attention_mask` [B, cache columns + queries], 0 at padding, as HF generate's."""
         masks = _mask_functions()
         shared_rotary = None if self._rotary_per_type else self.inner.rotary_emb(hidden, positions)
         out = {}
         for kind in types:
-            mask = masks[kind](config=config or self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+            mask = masks[kind](config=config or self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
                                position_ids=positions, **({"layer_idx": slot} if slot is not None else {}))
             rotary = self.inner.rotary_emb(hidden, positions, kind) if self._rotary_per_type else shared_rotary
             out[kind] = {"attention_mask": mask, "position_ids": positions, "position_embeddings": rotary,

@@ -33,6 +33,7 @@ from pipeline.registry import TOKENIZE
 from pipeline.shards import MANIFEST, TOKENS_KEY, read_manifest, read_shard
 from pipeline.sources import stream_documents
 from pipeline.stage import stop_at_time_limit
+from pipeline.speculative_speed import best_choice, measure_speculative
 from pipeline.timing import measure_speed
 
 
@@ -199,10 +200,11 @@ def evaluate(cfg: Config, model: BalconyModel, baselines: list[BalconyModel], se
     other_data = [{"data": name, "sequences": len(seqs), "tokens": seqs.numel(),
                    "rows": quality(cfg, model, baselines, seqs, device, name)}
                   for name, seqs in sets.items() if name != "heldout"]
-    cost_lines = None
+    speed = {"cost_line": None}
     if cfg.eval.speed:
         stop_at_time_limit("before the speed measurements, scored again after the requeue", model.decoder.tensor_parallel)
-        cost_lines = measure_speed(cfg.eval, model, rows, sequences.to(device))
+        speed["cost_line"] = measure_speed(cfg.eval, model, rows, sequences.to(device))
+        speed["speculative"] = measure_speculative(model, cfg.eval, sequences.to(device), speed["cost_line"])
+        speed["speculative_choice"] = best_choice(speed["speculative"])
     return {"num_layers": model.num_layers, "depths": model.depths, "heldout_sequences": len(sequences),
-            "heldout_tokens": sequences.numel(), "device": device.type, "rows": rows, "cost_line": cost_lines,
-            "other_data": other_data}
+            "heldout_tokens": sequences.numel(), "device": device.type, "rows": rows, **speed, "other_data": other_data}

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.balcony import BalconyModel
+from pipeline.balcony import BalconyModel, recorded_evaluation
 from pipeline.distributed import rank_zero_view, writes_files
 from pipeline.errors import InputError
 
@@ -48,7 +48,20 @@ def model_card(model: BalconyModel, depth: int, backbone: str, scores: dict | No
               "from transformers import AutoModelForCausalLM",
               "exit = AutoModelForCausalLM.from_pretrained(FOLDER)",
               "full.generate(ids, assistant_model=exit, do_sample=False)  # same tokens as greedy `full` alone",
-              "```", "", "`lm_eval --model hf --model_args pretrained=FOLDER --tasks ...` scores it as it is.", ""]
+              "```", "", "`lm_eval --model hf --model_args pretrained=FOLDER --tasks ...` scores it as it is.", "",
+              "With the Balcony pipeline installed, the run's exits draft for the full backbone sharing its KV cache "
+              "(self-speculative decoding: the full model's output, greedy or sampled, for fewer full-depth passes):", "",
+              "```python", "from pipeline.backbone import load_backbone", "from pipeline.balcony import BalconyModel",
+              "from pipeline.config import ModelConfig",
+              f"model = BalconyModel.from_pretrained(load_backbone(ModelConfig(backbone={backbone!r})), 'RUN/exits',",
+              "                                      evaluation='RUN/eval/metrics.json')",
+              "model.generate(ids, speculative=True, do_sample=True, temperature=0.7, max_new_tokens=64)",
+              "```", ""]
+    choice = (scores or {}).get("speculative_choice")
+    if choice:
+        lines += [f"The run's evaluation measured exit {choice['depth']} drafting at most {choice['max_draft']} tokens while "
+                  f"its top-1 probability is at least {choice['tau']:g} fastest: {choice['speedup']:.2f}x over plain greedy "
+                  "decoding at batch 1 on the machine it ran on; `speculative=True` uses that.", ""]
     return "\n".join(lines)
 
 
@@ -78,13 +91,11 @@ def export_exit(model: BalconyModel, depth: int, folder: Path, tokenizer, backbo
     return folder
 
 
-def evaluation_scores(metrics_path: Path, exits_sha256: str, depth: int) -> dict | None:
-    """The full model's and exit `depth`'s held-out figures from an evaluate stage's metrics.json,
-    if it scored these exits (same weights file); else None."""
-    if not metrics_path.exists():
-        return None
-    metrics = json.loads(metrics_path.read_text())
-    if metrics.get("exits_sha256") != exits_sha256:
+def evaluation_scores(metrics_path: Path, exits_dir: Path, depth: int) -> dict | None:
+    """The full model's and exit `depth`'s held-out figures, and the measured speculative choice, from an
+    evaluate stage's metrics.json, if it scored these exits (same weights file); else None."""
+    metrics = recorded_evaluation(metrics_path, exits_dir)
+    if metrics is None:
         return None
     rows = {row["name"]: row for row in metrics["rows"]}
-    return {"full": rows["full"], "exit": rows[f"exit@{depth}"]}
+    return {"full": rows["full"], "exit": rows[f"exit@{depth}"], "speculative_choice": metrics.get("speculative_choice")}

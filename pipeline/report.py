@@ -16,8 +16,7 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
     lens = {r["depth"]: r for r in rows if r["kind"] == "logit_lens"}
     head = ["variant", "relative cost", "perplexity", "KL to full", "top-1 agreement", "logit lens here: KL, top-1"]
     if batches:
-        head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "self-speculative (acceptance, speedup)",
-                                                       "HF assisted, exit as draft model (acceptance, speedup)"]
+        head += [f"speedup b={b}" for b in batches] + ["ideal speedup", "HF assisted, exit as draft model (acceptance, speedup)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         base = lens.get(row["depth"]) if row["kind"] == "balcony" else None
@@ -26,16 +25,50 @@ def markdown_table(rows: list[dict], batches: list[int]) -> str:
         if batches:
             cells += [f"{row['speedup'][str(b)]:.2f}x" if str(b) in row.get("speedup", {}) else "-" for b in batches]
             cells += [f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"]
-            cells += [f"{row[key]['acceptance_rate']:.2f}, {row[key]['speedup']:.2f}x" if key in row else "-"
-                      for key in ("speculative", "assisted")]
+            cells += [f"{row['assisted']['acceptance_rate']:.2f}, {row['assisted']['speedup']:.2f}x" if "assisted" in row else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def speculative_table(speculative: dict) -> str:
+    """Self-speculative decoding: per exit, fixed and confidence-stopped drafts, greedy at each batch size
+    and sampled, with what papers report (tokens per round, acceptance, draft length) and the speedup
+    measured (its spread over batches of prompts) beside the one the cost model predicts for those rounds."""
+    chosen_on = "the same prompts" if speculative["selection_is_measured"] else f"{speculative['selection_prompts']} other prompts"
+    lines = [f"Self-speculative decoding: {speculative['prompts']} held-out prompts of {speculative['prompt_tokens']} "
+             f"tokens, {speculative['new_tokens']} new tokens each, against plain decoding of the same batches at the "
+             f"same settings (sampled: temperature {speculative['sampling_temperature']:g}); confidence-stopped drafts "
+             f"chosen on {chosen_on}. Speedup: all batches' time together (slowest-fastest batch); predicted: the cost "
+             "model on the rounds run.", "",
+             "| exit | decoding | drafts (max, tau) | batch | tokens per round | acceptance | drafts per round | "
+             "speedup (spread) | predicted |", "|---|---|---|---|---|---|---|---|---|"]
+    for depth, entry in speculative["exits"].items():
+        for row in entry["measurements"]:
+            predicted = f"{row['predicted_speedup']:.2f}x" if "predicted_speedup" in row else "-"
+            lines.append(f"| exit@{depth} | {row['decoding']} | {row['drafts']} ({row['max_draft']}, {row['tau']:g}) | "
+                         f"{row['batch']} | {row['tokens_per_round']:.2f} | {row['acceptance_rate']:.2f} | "
+                         f"{row['draft_length']:.2f} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-"
+                         f"{row['speedup_max']:.2f}) | {predicted} |")
+    return "\n".join(lines) + "\n"
+
+
+def speculative_metrics(speculative: dict, depths: list[int]) -> dict[str, float]:
+    """exit1_spec_greedy_confident_b1_speedup, ..._tokens_per_round, ..._acceptance, ..._draft_length."""
+    out = {}
+    for i, depth in enumerate(sorted(depths), 1):
+        for row in speculative["exits"][str(depth)]["measurements"]:
+            prefix = f"exit{i}_spec_{row['decoding']}_{row['drafts']}_b{row['batch']}"
+            out.update({f"{prefix}_speedup": row["speedup"], f"{prefix}_tokens_per_round": row["tokens_per_round"],
+                        f"{prefix}_acceptance": row["acceptance_rate"], f"{prefix}_draft_length": row["draft_length"]})
+    return out
 
 
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """The held-out rows' metrics, then each eval.data set's quality metrics prefixed `data1_`, ..."""
     out = row_metrics(metrics["rows"])
     out.update({f"decode_fixed_share_b{batch}": line["fixed_share"] for batch, line in (metrics.get("cost_line") or {}).items() if line})
+    if metrics.get("speculative"):
+        out.update(speculative_metrics(metrics["speculative"], metrics["depths"]))
     for i, other in enumerate(metrics.get("other_data", []), 1):
         out.update({f"data{i}_{name}": value for name, value in row_metrics(other["rows"]).items()})
     return out
@@ -57,10 +90,9 @@ def row_metrics(rows: list[dict]) -> dict[str, float]:
         for batch, value in row.get("speedup", {}).items():
             out[f"{prefix}_speedup_b{batch}"] = value
             out[f"{prefix}_latency_ms_b{batch}"] = row["latency_ms"][batch]
-        for key, short in (("speculative", "spec"), ("assisted", "assisted")):
-            if key in row:
-                out[f"{prefix}_{short}_acceptance"] = row[key]["acceptance_rate"]
-                out[f"{prefix}_{short}_speedup"] = row[key]["speedup"]
+        if "assisted" in row:
+            out[f"{prefix}_assisted_acceptance"] = row["assisted"]["acceptance_rate"]
+            out[f"{prefix}_assisted_speedup"] = row["assisted"]["speedup"]
     return out
 
 
@@ -70,6 +102,12 @@ def write_evaluation(out: Path, metrics: dict, batches: list[int]) -> None:
     for batch, line in (metrics.get("cost_line") or {}).items():
         text += f"\nDecode cost at batch {batch}, fitted on the latencies above: " + (
             CostLine.from_summary(line).describe() if line else "no line (the latencies do not grow with depth)") + ".\n"
+    if metrics.get("speculative"):
+        choice = metrics["speculative_choice"]
+        text += "\n" + speculative_table(metrics["speculative"]) + (
+            f"\nBalconyModel.generate(speculative=True) uses exit {choice['depth']} with drafts of at most "
+            f"{choice['max_draft']} while the exit's top-1 probability is at least {choice['tau']:g} (measured "
+            f"{choice['speedup']:.2f}x, greedy, batch 1).\n")
     for other in metrics["other_data"]:
         text += f"\nQuality on {other['data']} ({other['tokens']:,} tokens):\n\n" + markdown_table(other["rows"], [])
     atomic_write(out / "table.md", text.encode())

@@ -1,7 +1,7 @@
-"""Speed of an exit against full depth, measured: decode latency through HF generate() on the
-exit's view; self-speculative greedy decoding (ours: one KV cache, the verifier runs only the layers
-after the exit) and transformers' assisted generation with the exit as a separate draft model (what
-an exported exit is) against plain greedy decoding."""
+"""Speed of an exit against full depth, measured: decode latency through HF generate() on the exit's
+view, the cost line fitted through it, and transformers' assisted generation with the exit as a
+separate draft model (what an exported exit is) against plain greedy decoding. Self-speculative
+decoding (one KV cache, the verifier runs only the layers after the exit): pipeline/speculative_speed.py."""
 from __future__ import annotations
 
 import copy
@@ -97,24 +97,8 @@ def _greedy(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs
 
 
 def greedy_seconds(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Plain greedy full-depth decoding of `new_tokens`: what both speculative decoders are measured against."""
+    """Plain greedy full-depth decoding of `new_tokens`: what assisted generation is measured against."""
     return _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
-
-
-def speculative_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
-                        repeats: int, full_seconds: float) -> dict[str, float]:
-    """Self-speculative greedy decoding with exit `depth` vs plain greedy full-depth decoding
-    (`full_seconds`, from greedy_seconds on the same prompt)."""
-    from pipeline.speculative import speculative_generate
-
-    stats = {}
-
-    def speculative():
-        eos = model.backbone.config.eos_token_id
-        stats["last"] = speculative_generate(model, prompt, depth, new_tokens, draft_tokens, eos)[1]
-
-    spec = _median_seconds(speculative, repeats)
-    return {"acceptance_rate": stats["last"].acceptance_rate, "speedup": full_seconds / spec, "draft_tokens": draft_tokens}
 
 
 def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
@@ -142,9 +126,9 @@ def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_
 
 def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], sequences: torch.Tensor) -> dict:
     """Adds to the full model's and each exit's row its decode latency and speedup at each of
-    settings.latency_batches, and to each exit's row self-speculative and assisted decoding, all from
-    the first held-out sequence's first settings.prompt_tokens as the prompt. Returns the cost line
-    fitted at each batch size (None where the latencies do not grow with depth)."""
+    settings.latency_batches, and to each exit's row assisted decoding, all from the first held-out
+    sequence's first settings.prompt_tokens as the prompt. Returns the cost line fitted at each batch
+    size (None where the latencies do not grow with depth)."""
     latency, batches, lines = {}, settings.latency_batches, {}
     for batch_size in batches:
         prompt = sequences[:1, : settings.prompt_tokens].repeat(batch_size, 1)
@@ -172,10 +156,8 @@ def measure_speed(settings: EvalConfig, model: BalconyModel, rows: list[dict], s
         row["ideal_speedup"] = 1 / row["relative_cost"]
         if depth is None:
             continue
-        for key, what, measure in (("speculative", "self-speculative", speculative_speedup),
-                                   ("assisted", "HF assisted generation", assisted_speedup)):
-            row[key] = measure(model, depth, prompt, settings.new_tokens, settings.draft_tokens, settings.repeats,
-                               full_seconds)
-            print(f"evaluate: {what} with exit@{depth}: acceptance {row[key]['acceptance_rate']:.2f}, "
-                  f"speedup {row[key]['speedup']:.2f}x over greedy full-depth decoding")
+        row["assisted"] = assisted_speedup(model, depth, prompt, settings.new_tokens, settings.draft_tokens,
+                                           settings.repeats, full_seconds)
+        print(f"evaluate: HF assisted generation with exit@{depth}: acceptance {row['assisted']['acceptance_rate']:.2f}, "
+              f"speedup {row['assisted']['speedup']:.2f}x over greedy full-depth decoding")
     return lines

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 
 from pipeline.backbone import backbone_fingerprint, load_backbone, load_tokenizer
-from pipeline.balcony import WEIGHTS, BalconyModel, read_exits_config
+from pipeline.balcony import BalconyModel, read_exits_config
 from pipeline.config import Config
 from pipeline.distributed import group_device, writes_files
 from pipeline.errors import ConfigError
 from pipeline.export import evaluation_scores, export_exit
 from pipeline.registry import EVALUATE, EXPORT_EXITS, TRAIN_EXITS, export_folder
-from pipeline.shards import file_sha256
 from pipeline.stage import run_stage
 
 STAGE = EXPORT_EXITS
@@ -33,9 +32,9 @@ def run(cfg: Config, task: tuple[int, int]) -> None:
     device = group_device(cfg.model.tensor_parallel)  # and its dtype (model.dtype auto); a group gathers its slices
     backbone = load_backbone(cfg.model, device)
     model = BalconyModel.from_pretrained(backbone, exits_dir, backbone_fingerprint(cfg.model, backbone)).to(device).eval()
-    tokenizer, exits_sha256 = load_tokenizer(cfg.model), file_sha256(exits_dir / WEIGHTS)
+    tokenizer = load_tokenizer(cfg.model)
     for depth in depths:
-        scores = evaluation_scores(EVALUATE.dir(cfg) / "metrics.json", exits_sha256, depth)
+        scores = evaluation_scores(EVALUATE.dir(cfg) / "metrics.json", exits_dir, depth)
         folder = export_exit(model, depth, export_folder(cfg, depth), tokenizer, cfg.model.backbone, scores)
         if writes_files():
                 print(f"{STAGE.name}: exit {depth} -> {folder} ({depth + 1} layers; AutoModelForCausalLM.from_pretrained loads it)")

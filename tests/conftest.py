@@ -195,7 +195,8 @@ TINY_PIPELINE = {
     "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
     "train": {"tokens_per_step": 256, "micro_batch_size": 1, "checkpoint_every": 1, "chunk_size": 256,
               "lr": 1e-3, "max_steps": 10},
-    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1,
+             "speculative_prompts": 2, "speculative_batches": [1, 2], "max_drafts": [2], "draft_taus": [0.5]},
 }
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for processes that share the cores with others
 

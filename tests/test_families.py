@@ -11,7 +11,7 @@ import torch
 
 from pipeline.balcony import BalconyModel
 from pipeline.config import TeacherConfig
-from pipeline.speculative import speculative_generate
+from pipeline.speculative import DraftPolicy, speculative_generate
 from pipeline.targets import TARGETS_KEY, TargetFormat
 from pipeline.teacher import Teacher
 
@@ -101,19 +101,27 @@ def test_exit_view_its_export_and_cached_generate_equal_the_exits_forward(family
 
 
 def test_self_speculative_decoding_equals_greedy_full_decoding(family):
+    """A ragged batch (row 1 left-padded by 2), fixed and confidence-stopped drafts: each row gets the full
+    model's greedy tokens for its prompt alone, past the sliding windows (the rows shift in the cache)."""
     name, backbone = family
     model = BalconyModel(backbone, DEPTHS)
     perturb_exits(model)
-    prompt, steps = _ids(backbone, 6, 1), 12
-    greedy = prompt
+    prompt, steps = _ids(backbone, 6, 2), 12
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    greedy = []
     with torch.no_grad():
-        for _ in range(steps):
-            _, final = model(greedy, full=True)
-            greedy = torch.cat([greedy, model.logits(final[:, -1]).argmax(-1, keepdim=True)], dim=1)
-    for depth, draft in ((1, 3), (2, 2)):
-        ours, stats = speculative_generate(model, prompt, depth, steps, draft_tokens=draft, eos_token_id=None)
-        assert torch.equal(ours, greedy), (name, depth)
-        assert stats.rounds > 0
+        for row in range(2):
+            ids = prompt[row:row + 1, int((mask[row] == 0).sum()):]
+            for _ in range(steps):
+                _, final = model(ids, full=True)
+                ids = torch.cat([ids, model.logits(final[:, -1]).argmax(-1, keepdim=True)], dim=1)
+            greedy.append(ids[0, -steps:])
+    for depth, policy in ((1, DraftPolicy(3)), (2, DraftPolicy(2)), (2, DraftPolicy(4, tau=0.01))):
+        ours, stats = speculative_generate(model, prompt, depth, steps, policy, attention_mask=mask)
+        for row in range(2):
+            assert torch.equal(ours[row, prompt.shape[1]:], greedy[row]), (name, depth, policy, row)
+        assert stats.rounds > 0 and (stats.drafted > 0 or policy.tau > 0)
 
 
 def test_teacher_targets_equal_those_of_the_models_own_logits(family):

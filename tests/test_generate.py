@@ -65,15 +65,24 @@ def test_padded_batch_matches_single_sequences(model, prompt):
     assert torch.equal(out[0], model.generate(prompt, exit=4, max_new_tokens=8, do_sample=False)[0])
 
 
-@pytest.mark.parametrize("depth,draft", [(2, 3), (4, 4), (4, 1)])
-def test_speculative_decoding_equals_greedy_full_decoding(model, prompt, depth, draft):
-    from pipeline.speculative import speculative_generate
-
+@pytest.mark.parametrize("depth,draft,tau", [(2, 3, 0.0), (4, 4, 0.0), (4, 1, 0.0), (4, 6, 0.5)])
+def test_speculative_generate_equals_greedy_full_decoding(model, prompt, depth, draft, tau):
     full = model.generate(prompt, max_new_tokens=20, do_sample=False)
-    ours, stats = speculative_generate(model, prompt, depth, max_new_tokens=20, draft_tokens=draft,
-                                       eos_token_id=model.backbone.config.eos_token_id)
-    assert torch.equal(ours, full[:, : ours.shape[1]]) and ours.shape == full.shape
-    assert stats.rounds > 0 and 0 <= stats.acceptance_rate <= 1
+    ours = model.generate(prompt, exit=depth, speculative=True, max_new_tokens=20, do_sample=False, max_draft=draft, tau=tau)
+    assert torch.equal(ours, full)
+
+
+def test_speculative_generate_samples_reproducibly_and_takes_hf_arguments(model, prompt):
+    def sample(seed):
+        return model.generate(prompt, speculative=True, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                              max_new_tokens=12, generator=torch.Generator().manual_seed(seed))
+    first = sample(0)
+    assert first.shape == (1, prompt.shape[1] + 12) and torch.equal(first, sample(0))
+    assert model.speculative_choice == {"depth": 4, "max_draft": 4, "tau": 0.0}  # no evaluation recorded: the deepest
+    with pytest.raises(TypeError, match="num_beams"):
+        model.generate(prompt, speculative=True, num_beams=2)
+    with pytest.raises(ValueError, match="not a budget"):
+        model.generate(prompt, speculative=True, budget=0.5)
 
 
 def test_assisted_generation_counts_every_draft_accepted_when_the_draft_is_the_full_model(prompt):
@@ -91,3 +100,23 @@ def test_assisted_generation_counts_every_draft_accepted_when_the_draft_is_the_f
         for p in model.exits.parameters():
             p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(0)) * 0.05)
     assert assisted_speedup(model, 5, prompt, 20, 4, repeats=1, full_seconds=full)["acceptance_rate"] < 1.0
+
+
+def test_the_evaluations_speculative_choice_is_used_only_for_the_exits_it_scored(model, prompt, tmp_path):
+    import json
+
+    from pipeline.errors import InputError
+    from pipeline.shards import FORMAT_VERSION, file_sha256
+
+    model.save_exits(tmp_path, "fingerprint")
+    choice = {"depth": 2, "max_draft": 3, "tau": 0.6, "speedup": 1.1}
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"format_version": FORMAT_VERSION, "exits_sha256": file_sha256(tmp_path / "exits.safetensors"),
+                                   "speculative_choice": choice}))
+    loaded = BalconyModel.from_pretrained(model.backbone, tmp_path, evaluation=metrics)
+    assert loaded.speculative_choice == choice
+    greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, speculative=True, max_new_tokens=10, do_sample=False), greedy)
+    metrics.write_text(json.dumps({"format_version": FORMAT_VERSION, "exits_sha256": "other", "speculative_choice": choice}))
+    with pytest.raises(InputError, match="not an evaluation of the exits in"):
+        BalconyModel.from_pretrained(model.backbone, tmp_path, evaluation=metrics)

@@ -22,7 +22,8 @@ TINY = {
     "exits": {"depths": [1, 2]},
     "teacher": {"batch_size": 4, "chunk_size": 256, "fidelity_positions": 0},
     "train": {"tokens_per_step": 1024, "micro_batch_size": 4, "chunk_size": 256, "max_steps": 3},
-    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+    "eval": {"max_sequences": 4, "latency_batches": [1], "prompt_tokens": 8, "new_tokens": 4, "repeats": 1,
+             "speculative_prompts": 2, "speculative_batches": [1, 2], "max_drafts": [2], "draft_taus": [0.5]},
 }
 PORT = 26817  # not the default 16817, so a user's own local cluster is left alone
 

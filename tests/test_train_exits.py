@@ -127,8 +127,19 @@ def test_baselines_and_evaluate_stage_write_metrics_table_and_plot(finished_run,
     for line in filter(None, metrics["cost_line"].values()):
         assert line["per_layer_ms"] > 0 and 0 <= line["fixed_share"] < 1 and line["layers"] == 3
     assert "Decode cost at batch 1, fitted on the latencies above:" in (out / "table.md").read_text()
-    for key in ("speculative", "assisted"):
-        assert 0 <= exit1[key]["acceptance_rate"] <= 1 and exit1[key]["speedup"] > 0
+    assert 0 <= exit1["assisted"]["acceptance_rate"] <= 1 and exit1["assisted"]["speedup"] > 0
+    speculative = metrics["speculative"]  # 2 prompts measured, 2 others choose the confidence-stopped drafts
+    assert (speculative["prompts"], speculative["selection_prompts"]) == (2, 2) and set(speculative["exits"]) == {"1", "2"}
+    for entry in speculative["exits"].values():
+        assert entry["policy"]["max_draft"] == 2 and entry["policy"]["tau"] == 0.5
+        measured = {(m["decoding"], m["drafts"], m["batch"]): m for m in entry["measurements"]}
+        assert set(measured) == {(decoding, drafts, batch) for drafts in ("fixed", "confident")
+                                 for decoding, batch in (("greedy", 1), ("greedy", 2), ("sampled", 1))}
+        for m in measured.values():
+            assert 1 <= m["tokens_per_round"] <= m["max_draft"] + 1 and 0 <= m["acceptance_rate"] <= 1
+            assert m["draft_length"] <= m["max_draft"] and m["speedup_min"] <= m["speedup"] <= m["speedup_max"]
+    assert metrics["speculative_choice"]["depth"] in (1, 2)
+    assert "Self-speculative decoding: 2 held-out prompts of 8 tokens" in (out / "table.md").read_text()
     assert tuned1["relative_cost"] == pytest.approx(1 / 3) and "speedup" not in tuned1
     [other] = metrics["other_data"]
     assert other["data"] == str(ood) and other["tokens"] == 256 and [r["name"] for r in other["rows"]] == names
@@ -151,10 +162,12 @@ def test_export_stage_writes_each_exit_with_its_evaluation_in_the_card(finished_
     """The finished pipeline ran export-exits last (export.after_evaluate)."""
     run, output, _ = finished_run
     assert "[5/5] export-exits" in output
-    rows = {r["name"]: r for r in json.loads((run / "eval" / "metrics.json").read_text())["rows"]}
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    rows, choice = {r["name"]: r for r in metrics["rows"]}, metrics["speculative_choice"]
     for depth in (1, 2):
         card = (run / "export" / f"exit-{depth}" / "README.md").read_text()
         assert f"exit {depth} -> " in output and f"| this exit | {rows[f'exit@{depth}']['perplexity']:.2f} |" in card
+        assert "model.generate(ids, speculative=True" in card and f"measured exit {choice['depth']} drafting" in card
     code, _, stderr = run_in_process("export-exits", run.with_suffix(".yaml"), "export.depths=[5]")
     assert code == 2 and stderr.startswith("error: export.depths: no exit at depth 5")
 
