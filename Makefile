@@ -213,6 +213,7 @@ bench: assets
 	$(PY) bench/teacher_bench.py
 	$(PY) bench/train_bench.py
 	$(PY) bench/search_bench.py
+	$(PY) bench/speculative_bench.py
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -27,6 +27,7 @@ from pipeline.corpus import plan_shards
 from pipeline.errors import ConfigError
 from pipeline.registry import EVALUATE, SEARCH_EXITS, TEACHER_LOGITS, TOKENIZE, TRAIN_EXITS
 from pipeline.targets import TargetFormat
+from pipeline.timing import projected_speculative_speedup
 from pipeline.training import uses_bf16
 
 FIT = 0.8  # share of a time limit a task may plan to use: the rest absorbs startup and the estimate's error
@@ -597,6 +598,12 @@ def plan_table(plan: Plan, cfg: Config, cluster: ClusterConfig) -> str:
                  f"full-depth step, so no exit decodes more than {full / arch.head_params:.2f}x faster; exits at "
                  + ", ".join(f"{d}: {full / arch.decode_weights(d):.2f}x" for d in depths)
                  + (" (the deepest candidates: exits.depths is auto)" if cfg.exits.depths == AUTO else ""))
+    drafts = range(1, 9)
+    lines.append("self-speculative decoding at batch 1, a projection (weight-bound: a draft step reads the exit's "
+                 "weights, a verification of a few positions all weights once; acceptance independent per draft): "
+                 + "; ".join(f"exit {d} pays from acceptance {arch.decode_weights(d) / full:.2f}, at 0.6 / 0.8 / 0.9 "
+                             + " / ".join(f"{max(projected_speculative_speedup(a, n, arch.decode_weights(d) / full) for n in drafts):.2f}x"
+                                          for a in (0.6, 0.8, 0.9)) for d in depths))
     total = sum(s.device_hours for s in plan.stages if s.job.gpus_per_node)
     if total:
         lines.append(f"GPU-hours in all: {total:,.0f}")

@@ -49,6 +49,13 @@ def speculative_table(speculative: dict) -> str:
                          f"{row['batch']} | {row['tokens_per_round']:.2f} | {row['acceptance_rate']:.2f} | "
                          f"{row['draft_length']:.2f} | {row['speedup']:.2f}x ({row['speedup_min']:.2f}-"
                          f"{row['speedup_max']:.2f}) | {predicted} |")
+    lines.append("")
+    for depth, entry in speculative["exits"].items():
+        if "break_even_acceptance" in entry["policy"]:
+            even = entry["policy"]["break_even_acceptance"]
+            lines.append(f"- exit@{depth}: by the cost model at batch 1 on this machine, drafts pay "
+                         + (f"once at least {even:.2f} of them are kept" if even is not None else
+                            "at no acceptance (even drafts that are always kept cost more than they save)") + ".")
     return "\n".join(lines) + "\n"
 
 

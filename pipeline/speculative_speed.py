@@ -27,7 +27,7 @@ import torch
 from pipeline.balcony import BalconyModel
 from pipeline.config import EvalConfig
 from pipeline.speculative import DraftPolicy, Sampling, SpeculativeStats, speculative_generate
-from pipeline.timing import CostLine
+from pipeline.timing import CostLine, projected_speculative_speedup
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,20 @@ class StepCost:
             if prefix_pass:  # k layers without the head: a step's per-layer part only
                 total += self.seconds(rows, depth) - self.seconds(rows, 0)
         return total
+
+
+def break_even_acceptance(cost: StepCost, depth: int, layers: int, drafts=range(1, 9)) -> float | None:
+    """The lowest acceptance (per draft, independent) at which drafts of some length in `drafts` decode faster
+    than plain decoding at batch 1 by the cost model; None when even drafts that are always kept do not."""
+    step = cost.seconds(1, layers)
+    prefix = cost.seconds(1, depth) - cost.seconds(1, 0)
+
+    def best(acceptance: float) -> float:
+        return max(projected_speculative_speedup(acceptance, n, cost.seconds(1, depth + 1) / step,
+                                                 (cost.seconds(n + 1, layers - depth) + prefix) / step) for n in drafts)
+
+    grid = [i / 100 for i in range(101)]
+    return next((a for a in grid if best(a) >= 1), None)
 
 
 def replay(exit_argmax: list[int], confidence: list[float], sequence: list[int], start: int, new_tokens: int,
@@ -169,6 +183,8 @@ def measure_speculative(model: BalconyModel, settings: EvalConfig, sequences: to
         fixed = DraftPolicy(settings.draft_tokens)
         chosen = (choose_policy(model, depth, selection, continuations, settings, cost) if cost else
                   {"max_draft": settings.draft_tokens, "tau": settings.draft_taus[0], "predicted_speedup": None})
+        if cost:
+            chosen["break_even_acceptance"] = break_even_acceptance(cost, depth, model.num_layers)
         confident = DraftPolicy(chosen["max_draft"], chosen["tau"])
         speculative_generate(model, measured[:1], depth, 4, confident)  # warm-up
         rows = [measure(model, depth, measured, settings, policy, sampling, b, plain[(sampling, b)], cost) | {"drafts": name}

@@ -67,6 +67,15 @@ class CostLine:
                 f"layers), so no exit decodes more than {cap} faster")
 
 
+def projected_speculative_speedup(acceptance: float, drafts: int, draft_cost: float, verify_cost: float = 1.0) -> float:
+    """Leviathan et al.'s expected speedup of speculative decoding: rounds of `drafts` drafts, each kept with
+    probability `acceptance` independently of the others, a draft step costing `draft_cost` and the verification
+    `verify_cost` of a full-depth decode step (weight-bound decoding: verifying a few positions reads the weights
+    once, so 1). With drafts of 1 it pays exactly when acceptance > draft_cost (at verify_cost 1)."""
+    tokens = drafts + 1 if acceptance >= 1 else (1 - acceptance ** (drafts + 1)) / (1 - acceptance)
+    return tokens / (drafts * draft_cost + verify_cost)
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, kernels
     times = []

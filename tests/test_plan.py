@@ -71,6 +71,15 @@ def test_paper_recipe_fits_the_example_site_with_the_arithmetic_by_hand():
     assert plan.arch.decode_weights(21) == 22 * LAYER + D * VOCAB
 
 
+def test_projected_speculative_speedup_is_leviathans_formula():
+    from pipeline.timing import projected_speculative_speedup
+
+    assert projected_speculative_speedup(0.4, 1, 0.4) == pytest.approx(1.0)  # (1 + a) / (1 + r): even at a = r
+    assert projected_speculative_speedup(1.0, 4, 0.25) == pytest.approx(5 / 2)  # every draft kept: 5 tokens, 2 steps
+    assert projected_speculative_speedup(0.5, 3, 0.2) == pytest.approx((1 + 0.5 + 0.25 + 0.125) / 1.6)
+    assert projected_speculative_speedup(0.0, 3, 0.2) == pytest.approx(1 / 1.6)  # nothing kept: only the drafts' cost
+
+
 def test_array_size_follows_the_time_limit():
     cfg = paper()
     short = make_plan(cfg, site(teacher=JobConfig(gpus_per_node=1, mem="64G", time="02:00:00")), chain(cfg))
@@ -144,6 +153,9 @@ def test_plan_command_prints_the_plan_or_refuses_in_one_line(tmp_path):
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "| teacher-logits | 31.5G | 16.1G |" in fits.stdout and "GPU-hours in all: 663" in fits.stdout
     assert "the head is 7% of a full-depth step, so no exit decodes more than 14.29x faster; exits at 15: 1.87x" in fits.stdout
+    # self-speculative: drafts of 1 pay once a draft is kept more often than a draft step costs (its share of the weights)
+    r15 = (16 * LAYER + D * VOCAB) / (LAYERS * LAYER + D * VOCAB)
+    assert f"a projection (weight-bound" in fits.stdout and f"exit 15 pays from acceptance {r15:.2f}," in fits.stdout
     refused = subprocess.run([*command, "train.micro_batch_size=64"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
