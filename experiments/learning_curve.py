@@ -44,7 +44,7 @@ CURVE_OVERRIDES = [f"data.train_tokens={SCALE * DEMO_TOKENS}", "teacher.format=t
 # demo's budget, twice it and the end (the speed trend's points), also speed with one batch size over
 # 64 new tokens (2x the demo's, for a steadier acceptance rate): decode latency, self-speculative
 # decoding and HF assisted generation per exit (speed makes a point ~9 minutes on 2 cores, not ~3)
-EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=64", "eval.repeats=1"]
+EVAL = ["eval.latency_batches=[1]", "eval.new_tokens=64", "eval.repeats=1", "eval.speculative_batches=[1]"]
 EXTRAPOLATION = 100  # the speedup trend's crossing of 1.0x is reported up to this factor past the last point
 SPEED_STEPS = [DEMO_TOKENS // TOKENS_PER_STEP, 2 * DEMO_TOKENS // TOKENS_PER_STEP, SCALE * DEMO_TOKENS // TOKENS_PER_STEP]
 
@@ -87,11 +87,19 @@ def score_point(base: Path, step: int, final_step: int) -> dict | None:
     metrics = json.loads((point / "eval" / "metrics.json").read_text())
     show = lambda argv: " ".join(argv).replace(f"{ROOT}/", "")
     return {"step": step, "tokens": step * TOKENS_PER_STEP, "command": show(evaluate),
-            "rows": metrics["rows"], "other_data": metrics["other_data"]}
+            "rows": metrics["rows"], "other_data": metrics["other_data"], "speculative": metrics.get("speculative")}
 
 
 def kinds(point: dict, kind: str) -> list[dict]:
     return sorted((r for r in point["rows"] if r["kind"] == kind), key=lambda r: r["depth"])
+
+
+def self_speculative(point: dict, depth: int) -> dict | None:
+    """Exit `depth`'s self-speculative decoding at this point (confidence-stopped drafts, greedy, batch 1),
+    where speed was measured."""
+    entry = ((point.get("speculative") or {}).get("exits") or {}).get(str(depth))
+    return next((m for m in entry["measurements"] if (m["decoding"], m["drafts"], m["batch"]) == ("greedy", "confident", 1)),
+                None) if entry else None
 
 
 def power_fit(tokens: list[int], values: list[float]) -> tuple[float, float]:
@@ -115,8 +123,8 @@ def trends(points: list[dict]) -> list[dict]:
         kl = [kinds(p, "balcony")[i]["kl_to_full"] for p in late]
         a, b = power_fit(tokens, kl)
         fit = {"depth": row["depth"], "kl_a": a, "kl_b": b, "tokens_to_kl_1.5": (a / 1.5) ** (1 / b) if b > 0 else None}
-        timed = [(p["tokens"], kinds(p, "balcony")[i]["speculative"]["speedup"]) for p in late
-                 if "speculative" in kinds(p, "balcony")[i]]
+        timed = [(p["tokens"], self_speculative(p, row["depth"])["speedup"]) for p in late
+                 if self_speculative(p, row["depth"])]
         if len(timed) >= 3:
             slope, intercept = np.polyfit(np.log10([t for t, _ in timed]), [s for _, s in timed], 1)
             crossing = 10 ** ((1 - intercept) / slope) if slope > 0 else math.inf
@@ -127,12 +135,16 @@ def trends(points: list[dict]) -> list[dict]:
 
 
 def table(points: list[dict], fits: list[dict]) -> str:
-    lines = ["| tokens | steps | KL per exit | top-1 per exit | perplexity per exit | self-spec. acceptance | "
-             "self-spec. speedup | HF assisted acceptance | HF assisted speedup | tuned lens KL | out-of-domain KL |",
+    lines = ["| tokens | steps | KL per exit | top-1 per exit | perplexity per exit | self-spec. acceptance (confident) | "
+             "self-spec. speedup (confident) | HF assisted acceptance | HF assisted speedup | tuned lens KL | out-of-domain KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def speed(exits: list[dict], key: str, field: str, suffix: str = "") -> str:
         return " / ".join(format(r[key][field], ".2f") + suffix for r in exits if key in r)
+
+    def self_spec(point: dict, exits: list[dict], field: str, suffix: str = "") -> str:
+        measured = [self_speculative(point, r["depth"]) for r in exits]
+        return " / ".join(format(m[field], ".2f") + suffix for m in measured if m)
 
     for p in points:
         exits, tuned = kinds(p, "balcony"), kinds(p, "tuned_lens")
@@ -140,7 +152,7 @@ def table(points: list[dict], fits: list[dict]) -> str:
         lines.append(
             f"| {p['tokens']:,} | {p['step']} | {per_exit(exits, 'kl_to_full', '.2f')} | "
             f"{per_exit(exits, 'top1_agreement', '.3f')} | {per_exit(exits, 'perplexity', ',.0f')} | "
-            f"{speed(exits, 'speculative', 'acceptance_rate')} | {speed(exits, 'speculative', 'speedup', 'x')} | "
+            f"{self_spec(p, exits, 'acceptance_rate')} | {self_spec(p, exits, 'speedup', 'x')} | "
             f"{speed(exits, 'assisted', 'acceptance_rate')} | {speed(exits, 'assisted', 'speedup', 'x')} | "
             f"{per_exit(tuned, 'kl_to_full', '.2f') if tuned else ''} | {per_exit(ood, 'kl_to_full', '.2f') if ood else ''} |")
     first = points[0]
@@ -177,8 +189,8 @@ def plot(points: list[dict], fits: list[dict], demo: dict | None, path: Path) ->
         kl_ax.axhline(kinds(points[0], "logit_lens")[i]["kl_to_full"], color=color, linestyle=":", alpha=0.6)
         if demo:
             kl_ax.plot(DEMO_TOKENS, kinds(demo, "balcony")[i]["kl_to_full"], "*", color=color, markersize=12)
-        spec = [(p["tokens"], kinds(p, "balcony")[i]["speculative"]["speedup"]) for p in points
-                if "speculative" in kinds(p, "balcony")[i]]
+        spec = [(p["tokens"], self_speculative(p, row["depth"])["speedup"]) for p in points
+                if self_speculative(p, row["depth"])]
         if spec:
             spec_ax.plot(*zip(*spec), "o-", color=color, label=f"exit {row['depth']}: self-speculative")
         assisted = [(p["tokens"], kinds(p, "balcony")[i]["assisted"]["speedup"]) for p in points
