@@ -323,7 +323,7 @@ class EvalConfig:
     """Self-speculative decoding: held-out prompts measured (the first prompt_tokens of as many sequences; as
     many more, if there are, choose the confidence-stopped policy)."""
     speculative_batches: list[int] = field(default_factory=lambda: [1, 4, 8])
-    """Self-speculative decoding: batch sizes measured (greedy; sampled at batch 1)."""
+    """Self-speculative decoding: batch sizes measured (greedy; sampled at batch 1); 1 must be among them."""
     draft_taus: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     """Confidence-stopped drafts: the taus (stop below this top-1 probability) the choice is made among."""
     max_drafts: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -339,6 +339,8 @@ class EvalConfig:
             if not values or not all(ok(v) for v in values):
                 raise ConfigError(f"{path}.{name}: {values} is not a non-empty list of "
                                   + ("taus in (0, 1)" if name == "draft_taus" else "integers >= 1"))
+        if 1 not in self.speculative_batches:  # batch 1 chooses what generate(speculative=True) uses
+            raise ConfigError(f"{path}.speculative_batches: {self.speculative_batches} must include 1")
 
 
 @dataclass

@@ -219,6 +219,8 @@ MALFORMED = [
     ("train-exits", {"train": {"lr": "fast"}}, "train.lr: expected a float, got 'fast'"),
     ("evaluate", {"eval": {"repeats": 0}}, "eval.repeats: must be > 0"),
     ("evaluate", {"eval": {"latency_batches": "8"}}, "eval.latency_batches: expected a list of ints"),
+    ("evaluate", {"eval": {"speculative_batches": [4, 8]}}, "eval.speculative_batches: [4, 8] must include 1"),
+    ("evaluate", {"eval": {"draft_taus": [0.5, 1.0]}}, "eval.draft_taus: [0.5, 1.0] is not a non-empty list of taus in (0, 1)"),
     ("tokenize", "run: [1, 2", "not valid YAML"),
     ("tokenize", "- just\n- a list\n", "expected a mapping of sections"),
 ]
