@@ -29,6 +29,7 @@ setup(
     ],
     extras_require={
         # pytest 9 keeps a node id that xdist 3.x cannot suffix: its --dist loadgroup then ignores groups
-        "test": ["pytest>=8.3,<9", "pytest-timeout>=2.3", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8.3,<9", "pytest-timeout>=2.3", "pytest-xdist>=3.5,<4",
+                 "scipy>=1.10"],  # the speculative sampling test's chi-square
     },
 )
