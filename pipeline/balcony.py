@@ -33,7 +33,7 @@ from torch import nn
 
 from pipeline.decoder import Decoder, assign_cache_slot, replicated
 from pipeline.errors import ConfigError, InputError
-from pipeline.shards import FORMAT_VERSION, atomic_write, check_format_version
+from pipeline.shards import FORMAT_VERSION, atomic_write, check_format_version, file_sha256
 WEIGHTS, CONFIG = "exits.safetensors", "balcony_config.json"
 
 
@@ -99,8 +99,6 @@ def read_exits_config(exits_dir: Path) -> dict:
 
 def recorded_evaluation(metrics_path: Path, exits_dir: Path) -> dict | None:
     """The evaluate stage's metrics.json if it scored these very exits (the same weights file), else None."""
-    from pipeline.shards import file_sha256
-
     if not Path(metrics_path).exists():
         return None
     metrics = json.loads(Path(metrics_path).read_text())

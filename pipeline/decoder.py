@@ -233,7 +233,7 @@ class Decoder:
 
     def cache(self, extra_types: list[str]):
         """A KV cache for the model's layers plus one slot per extra layer (of the given types),
-        whose sliding-window slots keep what a later crop may roll back (`crop`). Returns the cache
+        whose sliding-window slots keep what a later crop may roll back (`realign`). Returns the cache
         and the config it was made from (for the masks of its slots: `layer_arguments`)."""
         from transformers import DynamicCache
 
@@ -245,10 +245,19 @@ class Decoder:
         return cache, config
 
     @staticmethod
-    def crop(cache, slot: int, remove: int) -> None:
-        """Drop the last `remove` positions (0: none) of a cache slot; a sliding-window slot also goes
-        back to its window."""
-        cache.layers[slot].crop(-remove)
+    def realign(cache, shift: torch.Tensor, columns: int) -> None:
+        """Every slot of `cache` cut to `columns` columns, each batch row first shifted right by shift[row]
+        columns (what it vacates holds copies a padding mask must hide). Keys are stored rotated, so a
+        shift changes nothing they mean; shifting before the crop lets a sliding-window slot, which holds
+        its whole window plus the uncropped positions, keep the window the row needs."""
+        for layer in cache.layers:
+            if not layer.is_initialized:
+                continue
+            if int(shift.max()):
+                index = (torch.arange(layer.keys.shape[-2], device=shift.device) - shift[:, None]).clamp_min(0)
+                index = index[:, None, :, None].expand_as(layer.keys)
+                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            layer.crop(-(layer.get_seq_length() - columns))  # a sliding slot also goes back to its window
 
 
 def assign_cache_slot(layer: nn.Module, slot: int) -> None:

@@ -176,14 +176,7 @@ class _SharedCache:
         ends `max(kept)` columns after the last commit, a row with fewer shifted right into its padding."""
         most = int(kept.max())
         shift = most - kept
-        for layer in self.cache.layers:
-            if not layer.is_initialized:
-                continue
-            if int(shift.max()):
-                index = (torch.arange(layer.keys.shape[-2], device=shift.device) - shift[:, None]).clamp_min(0)
-                index = index[:, None, :, None].expand_as(layer.keys)
-                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-            layer.crop(-(layer.get_seq_length() - self.committed - most))  # a sliding slot goes back to its window
+        self.decoder.realign(self.cache, shift, self.committed + most)
         columns = torch.arange(self.mask.shape[1] + most, device=shift.device)
         grown = torch.cat([self.mask, self.mask.new_ones(len(self.mask), most)], 1)
         self.mask = torch.where(columns >= shift[:, None], grown.gather(1, (columns - shift[:, None]).clamp_min(0)), 0)
@@ -241,10 +234,9 @@ def speculative_generate(model: BalconyModel, input_ids: torch.Tensor, depth: in
         steps = 0
         for step in range(most + 1):
             pos = (lengths + step)[:, None]
-            if step == most:  # the last draft needs only the prefix (the verifier runs from layer k)
-                states.append(run.backbone(embed(fed[-1][:, None]), 0, k, pos))
-                break
             states.append(run.backbone(embed(fed[-1][:, None]), 0, k, pos))
+            if step == most:  # the last draft needs only the prefix (the verifier runs from layer k)
+                break
             q = sampling.probs(run.exit_logits(states[-1], pos)[:, 0])
             steps += 1
             proposing &= q.max(-1).values >= policy.tau

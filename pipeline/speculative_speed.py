@@ -19,7 +19,6 @@ at these lengths). Plain decoding is a full-depth step at `rows` rows per token.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch
 from pipeline.balcony import BalconyModel
 from pipeline.config import EvalConfig
 from pipeline.speculative import DraftPolicy, Sampling, SpeculativeStats, speculative_generate
-from pipeline.timing import CostLine, projected_speculative_speedup
+from pipeline.timing import CostLine, hf_generate, projected_speculative_speedup, timed
 
 
 @dataclass(frozen=True)
@@ -119,20 +118,10 @@ def choose_policy(model: BalconyModel, depth: int, prompts: torch.Tensor, contin
     return best
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
 def plain_generate(model: BalconyModel, prompts: torch.Tensor, new_tokens: int, sampling: Sampling) -> torch.Tensor:
     """HF generate at full depth: exactly `new_tokens` tokens, greedy or with the same sampling settings."""
-    eos = model.backbone.config.eos_token_id
     extra = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p) if sampling.do_sample else {}
-    return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=sampling.do_sample, pad_token_id=eos, **extra)
+    return hf_generate(model, prompts, new_tokens, min_new_tokens=new_tokens, do_sample=sampling.do_sample, **extra)
 
 
 def measure(model: BalconyModel, depth: int, prompts: torch.Tensor, settings: EvalConfig, policy: DraftPolicy,
@@ -144,7 +133,7 @@ def measure(model: BalconyModel, depth: int, prompts: torch.Tensor, settings: Ev
     generator = torch.Generator(device=prompts.device).manual_seed(0)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        elapsed, (_, run) = _timed(lambda: speculative_generate(model, batch, depth, settings.new_tokens, policy, sampling,
+        elapsed, (_, run) = timed(lambda: speculative_generate(model, batch, depth, settings.new_tokens, policy, sampling,
                                                                 generator=generator))
         seconds.append(elapsed)
         stats.merge(run)
@@ -175,7 +164,7 @@ def measure_speculative(model: BalconyModel, settings: EvalConfig, sequences: to
     plain = {}  # (sampling, batch size) -> seconds per batch of plain decoding
     for sampling, batches in ((greedy, settings.speculative_batches), (sampled, [1])):
         for b in batches:
-            plain[(sampling, b)] = [_timed(lambda: plain_generate(model, measured[s:s + b], settings.new_tokens, sampling))[0]
+            plain[(sampling, b)] = [timed(lambda: plain_generate(model, measured[s:s + b], settings.new_tokens, sampling))[0]
                                     for s in range(0, len(measured), b)]
     continuations = plain_generate(model, selection, settings.new_tokens, greedy)[:, length:]
     out = {}

@@ -76,38 +76,41 @@ def projected_speculative_speedup(acceptance: float, drafts: int, draft_cost: fl
     return tokens / (drafts * draft_cost + verify_cost)
 
 
+def timed(fn) -> tuple[float, object]:
+    """Wall seconds of fn() (the device's queued work included), and what it returned."""
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def decode_latency(model: BalconyModel, depth: int | None, prompt: torch.Tensor, new_tokens: int,
                    repeats: int) -> float:
     """Seconds per generated token after the prompt: (t(N) - t(1)) / (N - 1), medians, warm-up excluded."""
     def run(tokens: int) -> None:
-        _greedy(model, prompt, tokens, exit=depth, min_new_tokens=tokens)
+        hf_generate(model, prompt, tokens, exit=depth, min_new_tokens=tokens)
 
     full = _median_seconds(lambda: run(new_tokens), repeats)
     first = _median_seconds(lambda: run(1), repeats)
     return max(full - first, 1e-9) / (new_tokens - 1)
 
 
-def _greedy(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
-    eos = model.backbone.config.eos_token_id
+def hf_generate(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    """HF generate on unpadded prompts, greedy unless kwargs say do_sample (and the rest of HF's arguments)."""
+    kwargs.setdefault("do_sample", False)
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=eos, **kwargs)
+                          pad_token_id=model.backbone.config.eos_token_id, **kwargs)
 
 
 def greedy_seconds(model: BalconyModel, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Plain greedy full-depth decoding of `new_tokens`: what assisted generation is measured against."""
-    return _median_seconds(lambda: _greedy(model, prompt, new_tokens), repeats)
+    return _median_seconds(lambda: hf_generate(model, prompt, new_tokens), repeats)
 
 
 def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_tokens: int, draft_tokens: int,
@@ -124,9 +127,9 @@ def assisted_speedup(model: BalconyModel, depth: int, prompt: torch.Tensor, new_
     verifications = []  # layers[depth] runs in the full model only: one call per verification
     hook = model.decoder.layers[depth].register_forward_hook(lambda *_: verifications.append(1))
     try:
-        out = _greedy(model, prompt, new_tokens, assistant_model=draft)
+        out = hf_generate(model, prompt, new_tokens, assistant_model=draft)
         generated, rounds = out.shape[1] - prompt.shape[1], len(verifications)
-        assisted = _median_seconds(lambda: _greedy(model, prompt, new_tokens, assistant_model=draft), repeats)
+        assisted = _median_seconds(lambda: hf_generate(model, prompt, new_tokens, assistant_model=draft), repeats)
     finally:
         hook.remove()
     return {"acceptance_rate": (generated - rounds) / (rounds * draft_tokens), "speedup": full_seconds / assisted,
